@@ -1,0 +1,125 @@
+/**
+ * The records knit keeps in the store, and the key layout. Everything the engine knows
+ * about a network, an endpoint or a sandbox is one JSON value under one key.
+ *
+ * Key layout (all under the store's root):
+ *   networks/<id>                   Network
+ *   names/networks/<name>           network id (uniqueness of names)
+ *   meta/networks                   bumped on every network create/rm (overlap check is
+ *                                   an optimistic transaction on its version)
+ *   ipam/<netId>/<address>          endpoint id holding the address (or "gateway"/"aux:<n>")
+ *   cursor/<netId>/<family>         last address handed out (where the next search starts)
+ *   endpoints/<netId>/<endpointId>  Endpoint
+ *   sandboxes/<id>                  Sandbox
+ *   names/sandboxes/<name>          sandbox id
+ *   ifnames/<sandboxId>/<ifname>    endpoint id (one interface name per sandbox)
+ */
+
+export const DriverNames = ["bridge", "host", "null"] as const;
+export type DriverName = (typeof DriverNames)[number];
+
+/** One IPAM pool of a network, as Docker's IPAM.Config entry. */
+export interface SubnetConfig {
+  subnet: string;
+  gateway?: string;
+  ipRange?: string;
+  auxAddresses: Record<string, string>;
+}
+
+export interface Network {
+  id: string;
+  name: string;
+  driver: DriverName;
+  /** "local" for single-host drivers. */
+  scope: "local" | "global" | "swarm";
+  created: string;
+  internal: boolean;
+  attachable: boolean;
+  enableIPv6: boolean;
+  /** True for the predefined bridge, host and none networks. */
+  predefined: boolean;
+  /** True when the user gave no --subnet (a pool was picked). */
+  defaultPool: boolean;
+  subnets: SubnetConfig[];
+  /** Options exactly as given by the user (Docker shows them in inspect). */
+  options: Record<string, string>;
+  labels: Record<string, string>;
+  /** Driver settings derived from options (bridge name, mtu, ...), fixed at creation. */
+  driverState: Record<string, string | number | boolean>;
+}
+
+/** Lifecycle of an endpoint: intent recorded first, kernel changes second, then ready. */
+export type EndpointState = "creating" | "ready" | "deleting";
+
+/** Who is working on a record right now; a dead owner means a crashed command. */
+export interface Owner {
+  pid: number;
+  /** Process start time (from /proc/PID/stat), so a reused PID is not mistaken for it. */
+  startTime: string;
+  host: string;
+}
+
+export interface Endpoint {
+  id: string;
+  networkId: string;
+  sandboxId: string;
+  state: EndpointState;
+  owner?: Owner;
+  /** Interface name inside the sandbox. */
+  ifname: string;
+  /** Host-side device name (veth peer), if the driver makes one. */
+  hostIfname?: string;
+  mac: string;
+  ipv4?: string; // address/prefix
+  ipv6?: string; // address/prefix
+  aliases: string[];
+  created: string;
+}
+
+export type SandboxKind =
+  | "knit" // created by `knit run`: knit owns its namespace
+  | "netns" // an existing named or path namespace (ip netns, CNI, ...)
+  | "container"; // a Docker or podman container, reached through its PID
+
+export interface Sandbox {
+  id: string;
+  name: string;
+  kind: SandboxKind;
+  hostname: string;
+  /** Path of its network namespace; "host" for --network host; empty for none-yet. */
+  netnsPath: string;
+  /** Name under /run/netns when knit created it. */
+  netnsName?: string;
+  /** Process running the command (knit sandboxes). */
+  pid?: number;
+  pidStartTime?: string;
+  command: string[];
+  created: string;
+  /** Networks requested at run time, in order (names or ids). */
+  networkMode: string;
+  state: "creating" | "running" | "deleting";
+  owner?: Owner;
+  /** Directory holding hosts, resolv.conf and the log of a knit sandbox. */
+  dir?: string;
+  autoRemove: boolean;
+  labels: Record<string, string>;
+}
+
+export const keys = {
+  network: (id: string) => `networks/${id}`,
+  networks: () => "networks/",
+  networkName: (name: string) => `names/networks/${name}`,
+  networksMeta: () => "meta/networks",
+  ipam: (netId: string, addr: string) => `ipam/${netId}/${addr}`,
+  ipamPrefix: (netId: string) => `ipam/${netId}/`,
+  cursor: (netId: string, family: 4 | 6) => `cursor/${netId}/${family}`,
+  cursorPrefix: (netId: string) => `cursor/${netId}/`,
+  endpoint: (netId: string, epId: string) => `endpoints/${netId}/${epId}`,
+  endpointsOf: (netId: string) => `endpoints/${netId}/`,
+  endpoints: () => "endpoints/",
+  sandbox: (id: string) => `sandboxes/${id}`,
+  sandboxes: () => "sandboxes/",
+  sandboxName: (name: string) => `names/sandboxes/${name}`,
+  ifname: (sbId: string, ifname: string) => `ifnames/${sbId}/${ifname}`,
+  ifnamesOf: (sbId: string) => `ifnames/${sbId}/`,
+} as const;
