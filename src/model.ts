@@ -13,6 +13,9 @@
  *   sandboxes/<id>                  Sandbox
  *   names/sandboxes/<name>          sandbox id
  *   ifnames/<sandboxId>/<ifname>    endpoint id (one interface name per sandbox)
+ *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
+ *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
+ *                                   owner of an operation under way (reconcile reads these)
  */
 
 export const DriverNames = ["bridge", "host", "null"] as const;
@@ -26,8 +29,13 @@ export interface SubnetConfig {
   auxAddresses: Record<string, string>;
 }
 
+/** Lifecycle of a network or sandbox record: intent first, kernel second, then ready. */
+export type RecordState = "creating" | "ready" | "deleting";
+
 export interface Network {
   id: string;
+  state: RecordState;
+  owner?: Owner;
   name: string;
   driver: DriverName;
   /** "local" for single-host drivers. */
@@ -49,7 +57,7 @@ export interface Network {
 }
 
 /** Lifecycle of an endpoint: intent recorded first, kernel changes second, then ready. */
-export type EndpointState = "creating" | "ready" | "deleting";
+export type EndpointState = RecordState;
 
 /** Who is working on a record right now; a dead owner means a crashed command. */
 export interface Owner {
@@ -76,6 +84,13 @@ export interface Endpoint {
   created: string;
 }
 
+/** A sandbox's place on a network: which endpoint, under which interface name. */
+export interface Membership {
+  endpointId: string;
+  networkId: string;
+  ifname: string;
+}
+
 export type SandboxKind =
   | "knit" // created by `knit run`: knit owns its namespace
   | "netns" // an existing named or path namespace (ip netns, CNI, ...)
@@ -97,7 +112,7 @@ export interface Sandbox {
   created: string;
   /** Networks requested at run time, in order (names or ids). */
   networkMode: string;
-  state: "creating" | "running" | "deleting";
+  state: RecordState;
   owner?: Owner;
   /** Directory holding hosts, resolv.conf and the log of a knit sandbox. */
   dir?: string;
@@ -122,4 +137,14 @@ export const keys = {
   sandboxName: (name: string) => `names/sandboxes/${name}`,
   ifname: (sbId: string, ifname: string) => `ifnames/${sbId}/${ifname}`,
   ifnamesOf: (sbId: string) => `ifnames/${sbId}/`,
+  member: (sbId: string, netId: string) => `members/${sbId}/${netId}`,
+  membersOf: (sbId: string) => `members/${sbId}/`,
+  /** In-flight operations; reconcile lists only these, so repair costs O(pending). */
+  pendingEndpoint: (netId: string, epId: string) => `pending/endpoints/${netId}/${epId}`,
+  pendingEndpointsOf: (netId: string) => `pending/endpoints/${netId}/`,
+  pendingEndpoints: () => "pending/endpoints/",
+  pendingSandbox: (id: string) => `pending/sandboxes/${id}`,
+  pendingSandboxes: () => "pending/sandboxes/",
+  pendingNetwork: (id: string) => `pending/networks/${id}`,
+  pendingNetworks: () => "pending/networks/",
 } as const;

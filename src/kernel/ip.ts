@@ -17,6 +17,7 @@ export interface LinkInfo {
   address?: string;
   linkinfo?: { info_kind?: string; info_data?: Record<string, unknown>; info_slave_kind?: string };
   link_netnsid?: number;
+  ifalias?: string;
 }
 
 export interface AddrInfo {

@@ -1,0 +1,174 @@
+/**
+ * The bridge driver: a Linux bridge holding the gateway addresses, one veth pair per
+ * endpoint, nftables rules for masquerade, icc and isolation. Option names are Docker's.
+ *
+ * Every kernel object knit makes carries the alias `knit:<id>` so that reconcile can tell
+ * knit's links from everybody else's.
+ */
+import { invalid, conflict } from "../errors.ts";
+import { batchToken, getLink, ip, ipBatch } from "../kernel/ip.ts";
+import { netnsName, type Netns } from "../kernel/exec.ts";
+import { cidrContains, formatIp, parseIp, parseIpWithPrefix } from "../net/ip.ts";
+import type { Network, Endpoint } from "../model.ts";
+import type { BridgeNetworkRules } from "../firewall/firewall.ts";
+import { checkIfname, checkOptionKeys, parseBoolOption, parseIntOption, type NetworkDriver, type PrepareContext, type DriverState } from "./driver.ts";
+import type { Pool } from "../ipam/ipam.ts";
+
+export const BridgeOptions = {
+  name: "com.docker.network.bridge.name",
+  masquerade: "com.docker.network.bridge.enable_ip_masquerade",
+  icc: "com.docker.network.bridge.enable_icc",
+  hostBinding: "com.docker.network.bridge.host_binding_ipv4",
+  mtu: "com.docker.network.driver.mtu",
+  ifacePrefix: "com.docker.network.container_iface_prefix",
+  defaultBridge: "com.docker.network.bridge.default_bridge",
+} as const;
+
+const DEFAULT_MTU = 1500;
+
+/** Alias that marks a kernel link as knit's. */
+export const knitAlias = (id: string): string => `knit:${id}`;
+
+/** Bridge settings derived once, at creation. */
+export interface BridgeState {
+  bridge: string;
+  mtu: number;
+  masquerade: boolean;
+  icc: boolean;
+  hostBinding: string;
+  ifacePrefix: string;
+}
+
+export function bridgeState(net: Network): BridgeState {
+  const s = net.driverState;
+  return {
+    bridge: String(s.bridge),
+    mtu: Number(s.mtu),
+    masquerade: s.masquerade === true,
+    icc: s.icc === true,
+    hostBinding: String(s.hostBinding),
+    ifacePrefix: String(s.ifacePrefix),
+  };
+}
+
+function prepare(ctx: PrepareContext): DriverState {
+  checkOptionKeys("bridge", Object.values(BridgeOptions), ctx.options);
+  const o = ctx.options;
+  const bridge = checkIfname(o[BridgeOptions.name] ?? `br-${ctx.id.slice(0, 12)}`, `value for option ${BridgeOptions.name}`);
+  const mtuText = o[BridgeOptions.mtu];
+  const mtu = mtuText === undefined ? DEFAULT_MTU : parseIntOption(BridgeOptions.mtu, mtuText, 68, 65535);
+  if (ctx.ipv6 && mtu < 1280) throw invalid(`invalid value "${mtu}" for option ${BridgeOptions.mtu}: IPv6 needs an MTU of at least 1280`);
+  const hostBinding = o[BridgeOptions.hostBinding] ?? "0.0.0.0";
+  if (parseIp(hostBinding, `value for option ${BridgeOptions.hostBinding}`).family !== 4) {
+    throw invalid(`invalid value "${hostBinding}" for option ${BridgeOptions.hostBinding}: expected an IPv4 address`);
+  }
+  const ifacePrefix = o[BridgeOptions.ifacePrefix] ?? "eth";
+  if (!/^[a-zA-Z][a-zA-Z0-9_-]{0,11}$/.test(ifacePrefix)) {
+    throw invalid(`invalid value "${ifacePrefix}" for option ${BridgeOptions.ifacePrefix}: expected 1-12 letters, digits, '_' or '-', starting with a letter`);
+  }
+  const flag = (key: string, dflt: boolean): boolean => (o[key] === undefined ? dflt : parseBoolOption(key, o[key]));
+  return {
+    bridge,
+    mtu,
+    masquerade: flag(BridgeOptions.masquerade, true),
+    icc: flag(BridgeOptions.icc, true),
+    hostBinding,
+    ifacePrefix,
+  } satisfies BridgeState as DriverState;
+}
+
+/** Gateway address with the subnet's prefix length, as it sits on the bridge. */
+function gatewayAddresses(pools: readonly Pool[]): { cidr: string; family: 4 | 6 }[] {
+  return pools.flatMap((p) => (p.gateway ? [{ cidr: `${formatIp(p.gateway)}/${p.subnet.prefix}`, family: p.subnet.family }] : []));
+}
+
+/** Host-side veth name for an endpoint: "veth" + 7 hex digits of its id, like Docker's. */
+export const hostVethName = (endpointId: string): string => `veth${endpointId.slice(0, 7)}`;
+
+export const bridgeDriver: NetworkDriver = {
+  name: "bridge",
+  scope: "local",
+  optionKeys: Object.values(BridgeOptions),
+  userNetworks: true,
+  prepare,
+
+  async precheck(net) {
+    const { bridge } = bridgeState(net);
+    const existing = await getLink(bridge);
+    if (existing) throw conflict(`cannot create network ${net.name}: interface "${bridge}" already exists on this host`, `choose another ${BridgeOptions.name}`);
+  },
+
+  async ensureNetwork(net, pools) {
+    const st = bridgeState(net);
+    const dev = batchToken(st.bridge);
+    const settle = [`link set dev ${dev} mtu ${st.mtu} alias ${batchToken(knitAlias(net.id))}`];
+    // IPv6 on a bridge without DAD: the gateway must answer at once.
+    for (const g of gatewayAddresses(pools)) settle.push(`addr replace ${g.cidr} dev ${dev}${g.family === 6 ? " nodad" : ""}`);
+    settle.push(`link set dev ${dev} up`);
+    const link = await getLink(st.bridge);
+    if (link && link.linkinfo?.info_kind !== "bridge") throw conflict(`interface "${st.bridge}" exists but is not a bridge`);
+    if (link) return ipBatch(settle);
+    try {
+      await ipBatch([`link add ${dev} type bridge`, ...settle]);
+    } catch (err) {
+      // Another process may have created it a moment ago: converge on what is there.
+      if ((await getLink(st.bridge))?.linkinfo?.info_kind !== "bridge") throw err;
+      await ipBatch(settle);
+    }
+  },
+
+  async deleteNetwork(net) {
+    const { bridge } = bridgeState(net);
+    const link = await getLink(bridge);
+    if (link && link.linkinfo?.info_kind === "bridge") await ip(["link", "del", "dev", bridge]);
+  },
+
+  async attach({ network, pools, endpoint, netns }) {
+    const st = bridgeState(network);
+    const host = endpoint.hostIfname ?? hostVethName(endpoint.id);
+    const target = netnsName(netns) ?? netns.path;
+    // Create the pair with the container end already in its namespace under its final name:
+    // no rename, and "File exists" if the sandbox already has that interface.
+    await ipBatch([
+      `link add ${host} mtu ${st.mtu} type veth peer name ${batchToken(endpoint.ifname)} mtu ${st.mtu} netns ${batchToken(target)}`,
+      `link set dev ${host} master ${batchToken(st.bridge)} alias ${batchToken(knitAlias(endpoint.id))} up`,
+    ]);
+    const dev = batchToken(endpoint.ifname);
+    const inside = [`link set dev ${dev} address ${endpoint.mac}`];
+    if (endpoint.ipv4) inside.push(`addr add ${endpoint.ipv4} dev ${dev}`);
+    if (endpoint.ipv6) inside.push(`addr add ${endpoint.ipv6} dev ${dev} nodad`);
+    inside.push(`link set dev ${dev} up`);
+    if (!network.internal) {
+      for (const p of pools) {
+        if (!p.gateway) continue;
+        const has = p.subnet.family === 4 ? endpoint.ipv4 : endpoint.ipv6;
+        if (!has || !sameSubnet(has, p)) continue;
+        inside.push(`route replace default via ${formatIp(p.gateway)} dev ${dev}`);
+      }
+    }
+    await ipBatch(inside, netns);
+  },
+
+  async detach(_network, endpoint) {
+    const host = endpoint.hostIfname ?? hostVethName(endpoint.id);
+    // Deleting the host end removes the pair; a gone namespace took its end with it.
+    const link = await getLink(host);
+    if (link) await ip(["link", "del", "dev", host]);
+  },
+
+  firewall(net): BridgeNetworkRules {
+    const st = bridgeState(net);
+    return {
+      networkId: net.id,
+      bridge: st.bridge,
+      subnets: net.subnets.map((s) => s.subnet),
+      masquerade: st.masquerade,
+      icc: st.icc,
+      internal: net.internal,
+    };
+  },
+};
+
+function sameSubnet(addrWithPrefix: string, pool: Pool): boolean {
+  return cidrContains(pool.subnet, parseIpWithPrefix(addrWithPrefix).ip);
+}

@@ -1,0 +1,112 @@
+/**
+ * The network driver interface. One file per driver implements it; the registry
+ * (drivers/registry.ts) maps each DriverName to its driver. A driver gets everything it needs
+ * in one context object and never touches the store: the engine records intent, calls the
+ * driver for kernel work, and records the outcome.
+ */
+import { invalid } from "../errors.ts";
+import type { Netns } from "../kernel/exec.ts";
+import type { DriverName, Endpoint, Network } from "../model.ts";
+import type { BridgeNetworkRules } from "../firewall/firewall.ts";
+import type { Pool } from "../ipam/ipam.ts";
+
+/** What a driver knows when it validates a new network. */
+export interface PrepareContext {
+  readonly id: string;
+  readonly name: string;
+  readonly options: Readonly<Record<string, string>>;
+  readonly ipv6: boolean;
+  readonly internal: boolean;
+}
+
+/** Derived, validated settings a driver keeps with the network (bridge name, mtu ...). */
+export type DriverState = Record<string, string | number | boolean>;
+
+export interface AttachContext {
+  readonly network: Network;
+  readonly pools: readonly Pool[];
+  readonly endpoint: Endpoint;
+  /** The sandbox's network namespace. */
+  readonly netns: Netns;
+}
+
+export interface NetworkDriver {
+  readonly name: DriverName;
+  /** Scope shown in `network ls`. */
+  readonly scope: "local" | "global";
+  /** Option keys this driver accepts; anything else is refused by name. */
+  readonly optionKeys: readonly string[];
+  /**
+   * May sandboxes join through `network connect` (bridge), or only at `run` (host, none)?
+   * Also whether a user may create more networks of this driver.
+   */
+  readonly userNetworks: boolean;
+  /** Validate options and derive the driver's state. Throws KnitError("invalid-argument"). */
+  prepare(ctx: PrepareContext): DriverState;
+  /** Checks against the kernel before anything is recorded (names in use ...). */
+  precheck(network: Network): Promise<void>;
+  /** Create the network's kernel objects. Idempotent: existing, correct objects are kept. */
+  ensureNetwork(network: Network, pools: readonly Pool[]): Promise<void>;
+  /** Remove the network's kernel objects; already gone is fine. */
+  deleteNetwork(network: Network): Promise<void>;
+  /** Wire an endpoint into a sandbox namespace. Fails if the interface name exists there. */
+  attach(ctx: AttachContext): Promise<void>;
+  /** Unwire an endpoint; already gone is fine. */
+  detach(network: Network, endpoint: Endpoint, netns: Netns | undefined): Promise<void>;
+  /** The firewall description of this network, if it needs rules. */
+  firewall(network: Network): BridgeNetworkRules | undefined;
+}
+
+/** Parse a boolean option the way Go's strconv.ParseBool does (Docker's parser). */
+export function parseBoolOption(key: string, value: string): boolean {
+  if (["1", "t", "T", "TRUE", "true", "True"].includes(value)) return true;
+  if (["0", "f", "F", "FALSE", "false", "False"].includes(value)) return false;
+  throw invalid(`invalid value "${value}" for option ${key}: expected true or false`);
+}
+
+/** Parse an integer option within bounds. */
+export function parseIntOption(key: string, value: string, min: number, max: number): number {
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!(n >= min && n <= max)) throw invalid(`invalid value "${value}" for option ${key}: expected a whole number from ${min} to ${max}`);
+  return n;
+}
+
+/** Linux interface name rules: 1-15 bytes, no '/', ':', white space, quotes; not "." or "..". */
+export function checkIfname(name: string, what: string): string {
+  if (name.length < 1 || name.length > 15 || name === "." || name === ".." || /[/:\s"'\\]/.test(name)) {
+    throw invalid(`invalid ${what} "${name}": interface names are 1-15 characters without '/', ':', quotes or spaces`);
+  }
+  return name;
+}
+
+/** Refuse option keys the driver does not know. */
+export function checkOptionKeys(driver: string, keys: readonly string[], options: Readonly<Record<string, string>>): void {
+  for (const key of Object.keys(options)) {
+    if (!keys.includes(key)) {
+      throw invalid(`unknown option "${key}" for the ${driver} driver`, keys.length ? `known options: ${keys.join(", ")}` : `the ${driver} driver takes no options`);
+    }
+  }
+}
+
+/**
+ * A driver whose endpoints are records only (host, none): nothing to create or wire, no
+ * options, no user-created networks.
+ */
+export function recordOnlyDriver(name: "host" | "null"): NetworkDriver {
+  return {
+    name,
+    scope: "local",
+    optionKeys: [],
+    userNetworks: false,
+    prepare(ctx) {
+      checkOptionKeys(name, [], ctx.options);
+      return {};
+    },
+    async precheck() {},
+    async ensureNetwork() {},
+    async deleteNetwork() {},
+    async attach() {},
+    async detach() {},
+    firewall: () => undefined,
+  };
+}

@@ -1,0 +1,90 @@
+/**
+ * The engine: the one place where networking logic lives. Front ends (CLI, CNI, Docker
+ * plugin) translate their protocol into these calls. The engine holds the store and the
+ * host's paths; operations live in networks.ts, endpoints.ts, sandboxes.ts, reconcile.ts.
+ */
+import { randomBytes } from "node:crypto";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { KnitError, notFound, invalid } from "../errors.ts";
+import { getJson, listJson, type Store } from "../store/store.ts";
+import { keys, type Network, type Sandbox } from "../model.ts";
+
+export interface Engine {
+  readonly store: Store;
+  /** Where the store and per-sandbox files live (/var/lib/knit by default). */
+  readonly stateDir: string;
+}
+
+/** Default state directory; overridden by --state-dir or KNIT_STATE_DIR. */
+export const DEFAULT_STATE_DIR = "/var/lib/knit";
+
+/** A new 64-hex identifier, as Docker's. */
+export const newId = (): string => randomBytes(32).toString("hex");
+
+/** Names of networks and sandboxes: what Docker and CNI accept. */
+const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]*$/;
+
+export function checkName(name: string, what: string): string {
+  if (!NAME_RE.test(name) || name.length > 128) {
+    throw invalid(`invalid ${what} name "${name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, up to 128 characters`);
+  }
+  return name;
+}
+
+export function sandboxDir(engine: Engine, id: string): string {
+  const dir = join(engine.stateDir, "sandboxes", id);
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+/**
+ * Find a record by exact name, full id, or unique id prefix (Docker's lookup order).
+ */
+async function findByRef<T extends { id: string }>(
+  engine: Engine,
+  ref: string,
+  kind: string,
+  nameKey: (name: string) => string,
+  recordKey: (id: string) => string,
+  prefix: string,
+): Promise<T | undefined> {
+  const byName = await engine.store.get(nameKey(ref));
+  if (byName) {
+    const rec = await getJson<T>(engine.store, recordKey(byName.value));
+    if (rec) return rec;
+  }
+  if (!/^[0-9a-f]{1,64}$/.test(ref)) return undefined;
+  const full = await getJson<T>(engine.store, recordKey(ref));
+  if (full) return full;
+  const matches = (await listJson<T>(engine.store, prefix)).filter((r) => r.id.startsWith(ref));
+  if (matches.length > 1) throw invalid(`${kind} id prefix "${ref}" is ambiguous: it matches ${matches.length} ${kind}s`);
+  return matches[0];
+}
+
+export const findNetwork = (engine: Engine, ref: string): Promise<Network | undefined> =>
+  findByRef<Network>(engine, ref, "network", keys.networkName, keys.network, keys.networks());
+
+export async function getNetwork(engine: Engine, ref: string): Promise<Network> {
+  const net = await findNetwork(engine, ref);
+  if (!net) throw notFound(`network ${ref} not found`, "list networks with `knit network ls`");
+  return net;
+}
+
+export const findSandbox = (engine: Engine, ref: string): Promise<Sandbox | undefined> =>
+  findByRef<Sandbox>(engine, ref, "sandbox", keys.sandboxName, keys.sandbox, keys.sandboxes());
+
+export async function getSandbox(engine: Engine, ref: string): Promise<Sandbox> {
+  const sb = await findSandbox(engine, ref);
+  if (!sb) throw notFound(`no such sandbox: ${ref}`, "list sandboxes with `knit ps -a`");
+  return sb;
+}
+
+/** Retry an optimistic transaction a bounded number of times. */
+export async function retryTxn<T>(what: string, attempt: () => Promise<T | undefined>, tries = 64): Promise<T> {
+  for (let i = 0; i < tries; i++) {
+    const out = await attempt();
+    if (out !== undefined) return out;
+  }
+  throw new KnitError("store", `${what}: too much concurrent change, gave up after ${tries} tries`, { hint: "try again" });
+}

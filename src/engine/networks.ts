@@ -1,0 +1,281 @@
+/**
+ * Network lifecycle: create, remove, prune, the predefined networks, and the firewall that
+ * is rebuilt from the store after every change.
+ *
+ * Create records intent first (network row in state "creating" with its owner, name claim,
+ * gateway and aux reservations, all in one transaction guarded by the version of
+ * meta/networks so that two concurrent creates cannot both pass the overlap check), then
+ * makes kernel objects, then marks the row ready. A crash in between is repaired by reconcile.
+ */
+import { KnitError, conflict, invalid, runAll } from "../errors.ts";
+import { absent, listJson, putJson, type Op } from "../store/store.ts";
+import { keys, type DriverName, type Network } from "../model.ts";
+import { driverFor, drivers } from "../drivers/registry.ts";
+import { BridgeOptions } from "../drivers/bridge.ts";
+import { toPool, reservedAddresses } from "../ipam/ipam.ts";
+import { pickV4Pool, pickV6Pool } from "../ipam/pools.ts";
+import { cidrOverlaps, parseCidr, type Cidr } from "../net/ip.ts";
+import { listRoutes } from "../kernel/ip.ts";
+import { applyFirewall, removeFirewall, type BridgeNetworkRules } from "../firewall/firewall.ts";
+import { buildSubnetConfigs, parseAuxAddresses, poolConfig } from "./network-spec.ts";
+import { checkName, getNetwork, newId, retryTxn, type Engine } from "./engine.ts";
+import { currentOwner, ownerAlive } from "./owner.ts";
+import { faultPoint } from "./faults.ts";
+import { repairNetworkEndpoints } from "./endpoints.ts";
+
+export interface CreateNetworkRequest {
+  name: string;
+  driver?: string;
+  subnets?: readonly string[];
+  gateways?: readonly string[];
+  ipRanges?: readonly string[];
+  /** `name=ip` items, as --aux-address takes them. */
+  auxAddresses?: readonly string[];
+  options?: Readonly<Record<string, string>>;
+  labels?: Readonly<Record<string, string>>;
+  internal?: boolean;
+  ipv6?: boolean;
+  attachable?: boolean;
+}
+
+export const PREDEFINED = ["bridge", "host", "none"] as const;
+const PREDEFINED_DRIVER: Record<(typeof PREDEFINED)[number], DriverName> = { bridge: "bridge", host: "host", none: "null" };
+/** Device name of the predefined bridge network (Docker's is docker0; knit coexists with it). */
+export const DEFAULT_BRIDGE = "knit0";
+
+/** Subnets in use on this host that a new network must not overlap: other networks and routes. */
+async function takenSubnets(engine: Engine): Promise<{ cidr: Cidr; what: string }[]> {
+  const nets = await listJson<Network>(engine.store, keys.networks());
+  const bridges = new Set(nets.map((n) => String(n.driverState.bridge ?? "")));
+  const out = nets.flatMap((n) => n.subnets.map((s) => ({ cidr: parseCidr(s.subnet), what: `network "${n.name}" (${s.subnet})` })));
+  for (const r of await listRoutes()) {
+    if (r.dst === "default" || !r.dst || (r.dev && bridges.has(r.dev))) continue;
+    const dst = r.dst.includes("/") ? r.dst : r.dst.includes(":") ? `${r.dst}/128` : `${r.dst}/32`;
+    let cidr: Cidr;
+    try {
+      cidr = parseCidr(dst, "route", false);
+    } catch {
+      continue;
+    }
+    // Link-local and multicast routes exist on every IPv6 link; they are not networks.
+    if (cidr.family === 6 && (cidr.base >> 118n === 0x3fan || cidr.base >> 120n === 0xffn)) continue;
+    out.push({ cidr, what: `a route on this host (${r.dst}${r.dev ? ` dev ${r.dev}` : ""})` });
+  }
+  return out;
+}
+
+/** Build the network record (not yet stored). Validates everything; touches nothing. */
+async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefined = false): Promise<Network> {
+  const name = checkName(req.name, "network");
+  const driver = driverFor(req.driver ?? "bridge");
+  if (!driver.userNetworks && !predefined) {
+    throw conflict(`only one instance of "${driver.name}" network is allowed`, `use the predefined "${driver.name === "null" ? "none" : "host"}" network`);
+  }
+  const ipv6 = req.ipv6 ?? false;
+  const id = newId();
+  const options = { ...(req.options ?? {}) };
+  const driverState = driver.prepare({ id, name, options, ipv6, internal: req.internal ?? false });
+  const explicit = buildSubnetConfigs({
+    subnets: req.subnets ?? [],
+    gateways: req.gateways ?? [],
+    ipRanges: req.ipRanges ?? [],
+    auxAddresses: parseAuxAddresses(req.auxAddresses ?? []),
+    ipv6,
+  });
+  const subnets = [...explicit];
+  if (driver.name === "bridge") {
+    const taken = await takenSubnets(engine);
+    for (const s of explicit) {
+      const c = parseCidr(s.subnet);
+      const clash = taken.find((t) => cidrOverlaps(t.cidr, c));
+      if (clash) throw conflict(`subnet ${s.subnet} overlaps ${clash.what}`, "choose a --subnet that overlaps no other network or route");
+    }
+    const takenCidrs = [...taken.map((t) => t.cidr), ...explicit.map((s) => parseCidr(s.subnet))];
+    if (!explicit.some((s) => parseCidr(s.subnet).family === 4)) subnets.unshift(poolConfig(pickV4Pool(takenCidrs)));
+    if (ipv6 && !explicit.some((s) => parseCidr(s.subnet).family === 6)) subnets.push(poolConfig(pickV6Pool(takenCidrs)));
+  } else if (explicit.length > 0) {
+    throw invalid(`the ${driver.name} driver takes no subnets`);
+  }
+  return {
+    id,
+    state: "creating",
+    owner: currentOwner(),
+    name,
+    driver: driver.name,
+    scope: driver.scope,
+    created: new Date().toISOString(),
+    internal: req.internal ?? false,
+    attachable: req.attachable ?? false,
+    enableIPv6: ipv6,
+    predefined,
+    defaultPool: explicit.length === 0,
+    subnets,
+    options,
+    labels: { ...(req.labels ?? {}) },
+    driverState,
+  };
+}
+
+/** Record a drafted network with its name claim and reservations, optimistically. */
+async function recordNetwork(engine: Engine, net: Network, metaVersion: number): Promise<boolean> {
+  const ops: Op[] = [
+    putJson(keys.network(net.id), net),
+    { type: "put", key: keys.networkName(net.name), value: net.id },
+    { type: "put", key: keys.networksMeta(), value: net.id },
+    putJson(keys.pendingNetwork(net.id), net.owner),
+    ...reservedAddresses(net.subnets.map(toPool)).map((r): Op => ({ type: "put", key: keys.ipam(net.id, r.address), value: r.holder })),
+  ];
+  const res = await engine.store.txn([absent(keys.networkName(net.name)), { key: keys.networksMeta(), target: "version", op: "=", value: metaVersion }], ops);
+  return res.succeeded;
+}
+
+/** Delete every row of a network (record, name, reservations, cursors, pending marker). */
+async function deleteNetworkRows(engine: Engine, net: Network): Promise<void> {
+  await engine.store.txn(
+    [],
+    [
+      { type: "delete", key: keys.network(net.id) },
+      { type: "delete", key: keys.networkName(net.name) },
+      { type: "deletePrefix", prefix: keys.ipamPrefix(net.id) },
+      { type: "deletePrefix", prefix: keys.cursorPrefix(net.id) },
+      { type: "delete", key: keys.pendingNetwork(net.id) },
+      { type: "put", key: keys.networksMeta(), value: `-${net.id}` },
+    ],
+  );
+}
+
+/** Create a network; returns its record. On any failure nothing is left behind. */
+export async function createNetwork(engine: Engine, req: CreateNetworkRequest): Promise<Network> {
+  const net = await retryTxn("network create", async () => {
+    const meta = await engine.store.get(keys.networksMeta());
+    if (await engine.store.get(keys.networkName(req.name))) throw conflict(`network with name ${req.name} already exists`);
+    const draft = await draftNetwork(engine, req);
+    const driver = drivers[draft.driver];
+    await driver.precheck(draft);
+    return (await recordNetwork(engine, draft, meta?.version ?? 0)) ? draft : undefined;
+  });
+  try {
+    faultPoint("network-create:after-store");
+    await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));
+    faultPoint("network-create:after-kernel");
+    await syncFirewall(engine);
+    const ready: Network = { ...net, state: "ready" };
+    delete ready.owner;
+    await engine.store.txn([], [putJson(keys.network(net.id), ready), { type: "delete", key: keys.pendingNetwork(net.id) }]);
+    return ready;
+  } catch (err) {
+    await runAll("undo network create", [
+      () => drivers[net.driver].deleteNetwork(net),
+      () => deleteNetworkRows(engine, net),
+      () => syncFirewall(engine),
+    ]).catch(() => undefined);
+    throw err;
+  }
+}
+
+/** Endpoints of a network (any state). */
+export async function networkEndpointCount(engine: Engine, netId: string): Promise<number> {
+  return (await engine.store.list(keys.endpointsOf(netId))).items.length;
+}
+
+/** Remove a network: refused while endpoints exist and for predefined networks. */
+export async function removeNetwork(engine: Engine, ref: string): Promise<Network> {
+  const net = await getNetwork(engine, ref);
+  if (net.predefined) throw conflict(`${net.name} is a pre-defined network and cannot be removed`);
+  await repairNetworkEndpoints(engine, net.id);
+  const count = await networkEndpointCount(engine, net.id);
+  if (count > 0) {
+    throw conflict(`error while removing network: network ${net.name} id ${net.id} has active endpoints (${count})`, `disconnect them first: knit network disconnect ${net.name} SANDBOX`);
+  }
+  // Mark first: a concurrent connect compares the network's revision and fails after this.
+  const marked: Network = { ...net, state: "deleting", owner: currentOwner() };
+  await engine.store.txn([], [putJson(keys.network(net.id), marked), putJson(keys.pendingNetwork(net.id), marked.owner)]);
+  if ((await networkEndpointCount(engine, net.id)) > 0) {
+    await engine.store.txn([], [putJson(keys.network(net.id), net), { type: "delete", key: keys.pendingNetwork(net.id) }]);
+    throw conflict(`error while removing network: network ${net.name} id ${net.id} has active endpoints`);
+  }
+  await finishNetworkRemoval(engine, marked);
+  return net;
+}
+
+/** Second half of removal, also used by reconcile for a crashed rm or create. */
+export async function finishNetworkRemoval(engine: Engine, net: Network): Promise<void> {
+  faultPoint("network-rm:after-mark");
+  await drivers[net.driver].deleteNetwork(net);
+  faultPoint("network-rm:after-kernel");
+  await deleteNetworkRows(engine, net);
+  await syncFirewall(engine);
+}
+
+/** Remove every user network without endpoints; returns the names removed. */
+export async function pruneNetworks(engine: Engine, labelFilter?: (n: Network) => boolean): Promise<string[]> {
+  const removed: string[] = [];
+  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+    if (net.predefined || net.state !== "ready" || (labelFilter && !labelFilter(net))) continue;
+    if ((await networkEndpointCount(engine, net.id)) > 0) continue;
+    try {
+      await removeNetwork(engine, net.id);
+      removed.push(net.name);
+    } catch (err) {
+      if (!(err instanceof KnitError && err.code === "conflict")) throw err;
+    }
+  }
+  return removed;
+}
+
+/**
+ * Rebuild knit's firewall tables from the store. Lock-free: after applying, the version of
+ * meta/networks is read again; if another process changed networks meanwhile, apply again,
+ * so the last writer always applies the newest state.
+ */
+export async function syncFirewall(engine: Engine): Promise<void> {
+  for (let i = 0; i < 16; i++) {
+    const before = (await engine.store.get(keys.networksMeta()))?.modRevision ?? 0;
+    const nets = await listJson<Network>(engine.store, keys.networks());
+    const rules = nets
+      .filter((n) => n.state !== "deleting" && (n.state === "ready" || ownerAlive(n.owner)))
+      .flatMap((n): BridgeNetworkRules[] => {
+        if (n.predefined && n.driver === "bridge" && !n.driverState.kernelCreated) return [];
+        const r = drivers[n.driver].firewall(n);
+        return r ? [r] : [];
+      });
+    if (rules.length === 0) await removeFirewall();
+    else await applyFirewall(rules);
+    const after = (await engine.store.get(keys.networksMeta()))?.modRevision ?? 0;
+    if (after === before) return;
+  }
+}
+
+/**
+ * Make sure the predefined networks exist in the store (first command on a host). The
+ * predefined bridge gets its kernel objects on first use, as docker0 appears with dockerd.
+ */
+export async function ensurePredefined(engine: Engine): Promise<void> {
+  if (await engine.store.get(keys.networkName("none"))) return;
+  for (const name of PREDEFINED) {
+    if (await engine.store.get(keys.networkName(name))) continue;
+    const meta = await engine.store.get(keys.networksMeta());
+    const req: CreateNetworkRequest =
+      name === "bridge"
+        ? { name, driver: "bridge", options: { [BridgeOptions.name]: DEFAULT_BRIDGE, [BridgeOptions.defaultBridge]: "true" } }
+        : { name, driver: PREDEFINED_DRIVER[name] };
+    const draft = await draftNetwork(engine, req, true);
+    const ready: Network = { ...draft, state: "ready" };
+    delete ready.owner;
+    if (name === "bridge") ready.driverState.kernelCreated = false;
+    // Not via recordNetwork: no pending marker, the record is ready at once.
+    const ops: Op[] = [putJson(keys.network(ready.id), ready), { type: "put", key: keys.networkName(name), value: ready.id }, { type: "put", key: keys.networksMeta(), value: ready.id }];
+    ops.push(...reservedAddresses(ready.subnets.map(toPool)).map((r): Op => ({ type: "put", key: keys.ipam(ready.id, r.address), value: r.holder })));
+    await engine.store.txn([absent(keys.networkName(name)), { key: keys.networksMeta(), target: "version", op: "=", value: meta?.version ?? 0 }], ops);
+  }
+}
+
+/** Create the predefined bridge's kernel objects the first time something joins it. */
+export async function ensureDefaultBridgeKernel(engine: Engine, net: Network): Promise<Network> {
+  if (!net.predefined || net.driver !== "bridge" || net.driverState.kernelCreated) return net;
+  await drivers.bridge.ensureNetwork(net, net.subnets.map(toPool));
+  const updated: Network = { ...net, driverState: { ...net.driverState, kernelCreated: true } };
+  await engine.store.txn([], [putJson(keys.network(net.id), updated), { type: "put", key: keys.networksMeta(), value: net.id }]);
+  await syncFirewall(engine);
+  return updated;
+}

@@ -1,0 +1,41 @@
+/**
+ * Process identity for crash detection. An operation under way records its owner (PID,
+ * process start time, host); reconcile treats a record whose owner is gone as the remains of
+ * a crashed command and finishes or undoes it. The start time guards against PID reuse.
+ */
+import { readFileSync } from "node:fs";
+import { hostname } from "node:os";
+import type { Owner } from "../model.ts";
+
+/** Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat). */
+export function processStartTime(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (fields[0] === "Z" || fields[0] === "X") return undefined; // exited, not yet reaped
+    return fields[19]; // field 22 overall
+  } catch {
+    return undefined;
+  }
+}
+
+let self: Owner | undefined;
+
+/** The owner record of this process. */
+export function currentOwner(): Owner {
+  self ??= { pid: process.pid, startTime: processStartTime(process.pid) ?? "", host: hostname() };
+  return self;
+}
+
+/** True when the owner's process still runs (only decidable on the owner's own host). */
+export function ownerAlive(owner: Owner | undefined): boolean {
+  if (!owner) return false;
+  if (owner.host !== hostname()) return true; // another host's business: never steal it
+  return processStartTime(owner.pid) === owner.startTime;
+}
+
+/** True when a process with this PID and start time still runs. */
+export function processAlive(pid: number | undefined, startTime: string | undefined): boolean {
+  return pid !== undefined && startTime !== undefined && processStartTime(pid) === startTime;
+}

@@ -1,0 +1,85 @@
+/**
+ * Reconcile (`knit gc`, and the agent on start): make store and kernel agree, both ways.
+ *
+ * Store -> kernel: operations whose owner died are finished or undone (sandboxes, networks,
+ * endpoints, via their pending markers); sandboxes whose namespace vanished (reboot, a
+ * container that exited) lose their endpoints; every ready network's kernel objects are
+ * re-ensured; the firewall is rebuilt.
+ * Kernel -> store: links in this namespace carrying knit's alias (`knit:<id>`) that belong to
+ * no network or endpoint in the store are deleted.
+ */
+import { existsSync } from "node:fs";
+import { listJson, getJson } from "../store/store.ts";
+import { keys, type Network, type Owner, type Sandbox } from "../model.ts";
+import { drivers } from "../drivers/registry.ts";
+import { toPool } from "../ipam/ipam.ts";
+import { ip, listLinks } from "../kernel/ip.ts";
+import type { Engine } from "./engine.ts";
+import { ownerAlive } from "./owner.ts";
+import { disconnectSandbox, dropExternalIfUnused, listMemberships, repairNetworkEndpoints } from "./endpoints.ts";
+import { finishNetworkRemoval, syncFirewall } from "./networks.ts";
+import { repairSandboxes, teardownSandbox } from "./sandboxes.ts";
+
+export interface ReconcileReport {
+  sandboxes: number;
+  networks: number;
+  endpoints: number;
+  orphanLinks: string[];
+}
+
+async function repairNetworks(engine: Engine): Promise<number> {
+  let n = 0;
+  for (const kv of (await engine.store.list(keys.pendingNetworks())).items) {
+    if (ownerAlive(JSON.parse(kv.value) as Owner)) continue;
+    const net = await getJson<Network>(engine.store, keys.network(kv.key.slice(keys.pendingNetworks().length)));
+    if (net) await finishNetworkRemoval(engine, net);
+    else await engine.store.delete(kv.key);
+    n++;
+  }
+  return n;
+}
+
+/** Sandboxes whose namespace is gone: knit's are removed, external ones lose their endpoints. */
+async function dropVanishedSandboxes(engine: Engine): Promise<number> {
+  let n = 0;
+  for (const sb of await listJson<Sandbox>(engine.store, keys.sandboxes())) {
+    if (sb.state !== "ready" || sb.netnsPath === "host" || !sb.netnsPath || existsSync(sb.netnsPath)) continue;
+    if (sb.kind === "knit") await teardownSandbox(engine, sb);
+    else {
+      for (const m of await listMemberships(engine, sb.id)) await disconnectSandbox(engine, m.networkId, sb, true);
+      await dropExternalIfUnused(engine, sb);
+    }
+    n++;
+  }
+  return n;
+}
+
+async function deleteOrphanLinks(engine: Engine): Promise<string[]> {
+  const deleted: string[] = [];
+  for (const link of await listLinks()) {
+    const alias = link.ifalias;
+    if (!alias?.startsWith("knit:")) continue;
+    const id = alias.slice(5);
+    if (await engine.store.get(keys.network(id))) continue;
+    const eps = await engine.store.list(keys.endpoints());
+    if (eps.items.some((kv) => kv.key.endsWith(`/${id}`))) continue;
+    await ip(["link", "del", "dev", link.ifname], undefined, true);
+    deleted.push(link.ifname);
+  }
+  return deleted;
+}
+
+/** Bring store and kernel into agreement. Safe to run at any time, any number of times. */
+export async function reconcile(engine: Engine): Promise<ReconcileReport> {
+  const sandboxes = (await repairSandboxes(engine)) + (await dropVanishedSandboxes(engine));
+  const networks = await repairNetworks(engine);
+  let endpoints = 0;
+  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+    endpoints += await repairNetworkEndpoints(engine, net.id);
+    const dormant = net.predefined && net.driver === "bridge" && !net.driverState.kernelCreated;
+    if (net.state === "ready" && !dormant) await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));
+  }
+  const orphanLinks = await deleteOrphanLinks(engine);
+  await syncFirewall(engine);
+  return { sandboxes, networks, endpoints, orphanLinks };
+}

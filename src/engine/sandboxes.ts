@@ -1,0 +1,243 @@
+/**
+ * Sandboxes: "containers" without a runtime. A sandbox is a network namespace (named
+ * knit-<id12> under /run/netns, so `ip netns exec` works on it) plus a UTS and mount
+ * namespace made by `unshare` around the command, in which /etc/hosts and /etc/resolv.conf
+ * are bind-mounted from the sandbox's own directory and the hostname is set.
+ *
+ * The record is written before the namespace exists (state "creating", with this process as
+ * owner and a pending marker), so a crash at any point leaves something reconcile can find.
+ * A sandbox keeps its networks after its command exits (status "exited") until `knit rm`.
+ */
+import { copyFileSync, readFileSync, rmSync, writeFileSync, openSync, closeSync } from "node:fs";
+import { hostname as hostHostname } from "node:os";
+import { join } from "node:path";
+import { conflict, invalid, runAll } from "../errors.ts";
+import { absent, getJson, listJson, putJson } from "../store/store.ts";
+import { keys, type Endpoint, type Network, type Owner, type Sandbox } from "../model.ts";
+import { createNetns, deleteNetns } from "../kernel/ip.ts";
+import { NETNS_DIR } from "../kernel/exec.ts";
+import { checkName, getNetwork, getSandbox, newId, sandboxDir, type Engine } from "./engine.ts";
+import { connectSandbox, disconnectSandbox, listMemberships } from "./endpoints.ts";
+import { currentOwner, ownerAlive, processAlive, processStartTime } from "./owner.ts";
+import { faultPoint } from "./faults.ts";
+
+export interface RunRequest {
+  name?: string;
+  /** Networks to join, in order; default the predefined "bridge". */
+  networks?: readonly string[];
+  ip?: string;
+  ip6?: string;
+  hostname?: string;
+  aliases?: readonly string[];
+  detach?: boolean;
+  autoRemove?: boolean;
+  command: readonly string[];
+}
+
+/** Status of a knit sandbox's command. */
+export function sandboxStatus(sb: Sandbox): "created" | "running" | "exited" | "removing" {
+  if (sb.state === "deleting") return "removing";
+  if (sb.pid === undefined) return "created";
+  return processAlive(sb.pid, sb.pidStartTime) ? "running" : "exited";
+}
+
+/**
+ * The init run by `sh` inside the new UTS and mount namespaces: set the hostname, bind the
+ * sandbox's hosts and resolv.conf over the host's, then become the command. Arguments are
+ * passed as argv ("$1".."$@"), never interpolated into the script.
+ */
+const INIT = 'hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" /etc/resolv.conf && shift 3 && exec "$@"';
+
+/** Resolver lines of the host, without loopback servers (unreachable from a namespace). */
+function sandboxResolvConf(): string {
+  let text = "";
+  try {
+    text = readFileSync("/etc/resolv.conf", "utf8");
+  } catch {
+    return "";
+  }
+  return text
+    .split("\n")
+    .filter((l) => !/^\s*nameserver\s+(127\.|::1\b)/.test(l))
+    .join("\n");
+}
+
+function hostsFile(sb: Sandbox, endpoints: readonly Endpoint[]): string {
+  const lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"];
+  for (const ep of endpoints) {
+    for (const a of [ep.ipv4, ep.ipv6]) if (a) lines.push(`${a.split("/")[0]}\t${sb.hostname}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+/** Write hostname, hosts and resolv.conf for a sandbox; returns their paths. */
+function writeSandboxFiles(engine: Engine, sb: Sandbox, endpoints: readonly Endpoint[]): { hosts: string; resolv: string } {
+  const dir = sandboxDir(engine, sb.id);
+  const hosts = join(dir, "hosts");
+  const resolv = join(dir, "resolv.conf");
+  if (sb.netnsPath === "host") copyFileSync("/etc/hosts", hosts);
+  else writeFileSync(hosts, hostsFile(sb, endpoints));
+  writeFileSync(resolv, sandboxResolvConf());
+  writeFileSync(join(dir, "hostname"), sb.hostname + "\n");
+  return { hosts, resolv };
+}
+
+async function validateRun(engine: Engine, req: RunRequest): Promise<Network[]> {
+  if (req.command.length === 0) throw invalid("knit run needs a command", "example: knit run --network front -- sleep 1000");
+  if (req.name !== undefined) checkName(req.name, "sandbox");
+  if (req.hostname !== undefined && !/^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$/.test(req.hostname)) throw invalid(`invalid hostname "${req.hostname}"`);
+  const nets = await Promise.all((req.networks?.length ? req.networks : ["bridge"]).map((n) => getNetwork(engine, n)));
+  const special = nets.filter((n) => n.driver === "host" || n.driver === "null");
+  if (special.length > 0 && nets.length > 1) throw conflict("conflicting options: cannot attach both user-defined and non-user-defined network-modes");
+  if (new Set(nets.map((n) => n.id)).size !== nets.length) throw invalid("the same network is given twice");
+  if (req.name !== undefined && (await engine.store.get(keys.sandboxName(req.name)))) {
+    throw conflict(`the sandbox name "${req.name}" is already in use`, `remove it with knit rm -f ${req.name}, or choose another --name`);
+  }
+  return nets;
+}
+
+/** Start the command inside the sandbox's namespaces. */
+function spawnSandbox(engine: Engine, sb: Sandbox, files: { hosts: string; resolv: string }, detach: boolean) {
+  const inner = ["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", INIT, "knit-init", sb.hostname, files.hosts, files.resolv, ...sb.command];
+  const argv = sb.netnsPath === "host" ? inner : ["nsenter", `--net=${sb.netnsPath}`, "--", ...inner];
+  if (!detach) return Bun.spawn(argv, { stdin: "inherit", stdout: "inherit", stderr: "inherit" });
+  const log = openSync(join(sandboxDir(engine, sb.id), "log"), "a");
+  try {
+    const proc = Bun.spawn(argv, { stdin: "ignore", stdout: log, stderr: log, detached: true });
+    proc.unref();
+    return proc;
+  } finally {
+    closeSync(log);
+  }
+}
+
+/**
+ * Create a sandbox, join its networks and start its command. With `detach` returns once
+ * started; else waits and returns the exit code (removing the sandbox with `autoRemove`).
+ */
+export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ sandbox: Sandbox; exitCode?: number }> {
+  const nets = await validateRun(engine, req);
+  const id = newId();
+  const mode = nets[0]?.driver === "host" ? "host" : nets[0]?.driver === "null" ? "none" : "bridge";
+  const owner = currentOwner();
+  let sb: Sandbox = {
+    id,
+    name: req.name ?? `sandbox-${id.slice(0, 8)}`,
+    kind: "knit",
+    hostname: req.hostname ?? (mode === "host" ? hostHostname() : id.slice(0, 12)),
+    netnsPath: mode === "host" ? "host" : `${NETNS_DIR}/knit-${id.slice(0, 12)}`,
+    command: [...req.command],
+    created: new Date().toISOString(),
+    networkMode: nets.map((n) => n.name).join(","),
+    state: "creating",
+    owner,
+    autoRemove: req.autoRemove ?? false,
+    labels: {},
+  };
+  if (mode !== "host") sb.netnsName = `knit-${id.slice(0, 12)}`;
+  const claimed = await engine.store.txn([absent(keys.sandboxName(sb.name))], [
+    putJson(keys.sandbox(id), sb),
+    { type: "put", key: keys.sandboxName(sb.name), value: id },
+    putJson(keys.pendingSandbox(id), owner),
+  ]);
+  if (!claimed.succeeded) throw conflict(`the sandbox name "${sb.name}" is already in use`);
+  try {
+    faultPoint("run:after-record");
+    if (sb.netnsName) await createNetns(sb.netnsName);
+    faultPoint("run:after-netns");
+    const endpoints: Endpoint[] = [];
+    for (const [i, net] of nets.entries()) {
+      const first = i === 0;
+      const opts = { ...(first && req.ip ? { ip: req.ip } : {}), ...(first && req.ip6 ? { ip6: req.ip6 } : {}), ...(first && req.aliases ? { aliases: req.aliases } : {}) };
+      endpoints.push(await connectSandbox(engine, net.id, sb, opts));
+    }
+    faultPoint("run:after-connect");
+    const files = writeSandboxFiles(engine, sb, endpoints);
+    const proc = spawnSandbox(engine, sb, files, req.detach ?? false);
+    sb = { ...sb, state: "ready", pid: proc.pid };
+    const start = processStartTime(proc.pid);
+    if (start !== undefined) sb.pidStartTime = start;
+    delete sb.owner;
+    await engine.store.txn([], [putJson(keys.sandbox(id), sb), { type: "delete", key: keys.pendingSandbox(id) }]);
+    if (req.detach) return { sandbox: sb };
+    const exitCode = await proc.exited;
+    if (sb.autoRemove) await removeSandbox(engine, sb.id, true);
+    return { sandbox: sb, exitCode };
+  } catch (err) {
+    await teardownSandbox(engine, { ...sb, state: "deleting" }).catch(() => undefined);
+    throw err;
+  }
+}
+
+/** Kill a sandbox's command (by its recorded PID and start time) and wait for it to go. */
+async function stopProcess(sb: Sandbox): Promise<void> {
+  if (!processAlive(sb.pid, sb.pidStartTime) || sb.pid === undefined) return;
+  try {
+    process.kill(sb.pid, "SIGKILL");
+  } catch {
+    return;
+  }
+  for (let i = 0; i < 300 && processAlive(sb.pid, sb.pidStartTime); i++) await Bun.sleep(10);
+}
+
+/** Remove a knit sandbox: refused while running unless `force`. */
+export async function removeSandbox(engine: Engine, ref: string, force: boolean): Promise<Sandbox> {
+  const sb = await getSandbox(engine, ref);
+  if (sb.kind !== "knit") throw invalid(`${sb.name} is not a knit sandbox`, `disconnect it instead: knit network disconnect NETWORK ${sb.name}`);
+  if (sandboxStatus(sb) === "running" && !force) {
+    throw conflict(`you cannot remove a running sandbox ${sb.name}`, `stop its command first, or force the removal: knit rm -f ${sb.name}`);
+  }
+  const marked: Sandbox = { ...sb, state: "deleting", owner: currentOwner() };
+  await engine.store.txn([], [putJson(keys.sandbox(sb.id), marked), putJson(keys.pendingSandbox(sb.id), marked.owner)]);
+  faultPoint("rm:after-mark");
+  await teardownSandbox(engine, marked);
+  return sb;
+}
+
+/** Tear a sandbox down completely: process, endpoints, namespace, files, rows. Idempotent. */
+export async function teardownSandbox(engine: Engine, sb: Sandbox): Promise<void> {
+  await stopProcess(sb);
+  const members = await listMemberships(engine, sb.id);
+  await runAll(`remove sandbox ${sb.name}`, [
+    ...members.map((m) => () => disconnectSandbox(engine, m.networkId, sb, true)),
+    async () => faultPoint("rm:after-disconnect"),
+    async () => {
+      if (sb.netnsName) await deleteNetns(sb.netnsName);
+    },
+    async () => rmSync(join(engine.stateDir, "sandboxes", sb.id), { recursive: true, force: true }),
+    () =>
+      engine.store.txn([], [
+        { type: "delete", key: keys.sandbox(sb.id) },
+        { type: "delete", key: keys.sandboxName(sb.name) },
+        { type: "delete", key: keys.pendingSandbox(sb.id) },
+        { type: "deletePrefix", prefix: keys.ifnamesOf(sb.id) },
+        { type: "deletePrefix", prefix: keys.membersOf(sb.id) },
+      ]),
+  ]);
+}
+
+/** Run a command inside a running sandbox's namespaces; returns its exit code. */
+export async function execInSandbox(engine: Engine, ref: string, command: readonly string[]): Promise<number> {
+  const sb = await getSandbox(engine, ref);
+  if (command.length === 0) throw invalid("knit exec needs a command", `example: knit exec ${ref} -- ip addr`);
+  if (sb.kind !== "knit") throw invalid(`${sb.name} is not a knit sandbox`);
+  if (sandboxStatus(sb) !== "running" || sb.pid === undefined) throw conflict(`sandbox ${sb.name} is not running`);
+  const ns = sb.netnsPath === "host" ? ["--uts", "--mount"] : ["--net", "--uts", "--mount"];
+  const proc = Bun.spawn(["nsenter", "-t", String(sb.pid), ...ns, "--", ...command], { stdin: "inherit", stdout: "inherit", stderr: "inherit" });
+  return proc.exited;
+}
+
+/** Sandboxes whose creation or removal was cut short by a dead process. */
+export async function repairSandboxes(engine: Engine): Promise<number> {
+  let repaired = 0;
+  for (const kv of (await engine.store.list(keys.pendingSandboxes())).items) {
+    if (ownerAlive(JSON.parse(kv.value) as Owner)) continue;
+    const sb = await getJson<Sandbox>(engine.store, keys.sandbox(kv.key.slice(keys.pendingSandboxes().length)));
+    if (sb) await teardownSandbox(engine, { ...sb, state: "deleting" });
+    else await engine.store.delete(kv.key);
+    repaired++;
+  }
+  return repaired;
+}
+
+export const listSandboxes = (engine: Engine): Promise<Sandbox[]> => listJson<Sandbox>(engine.store, keys.sandboxes());
