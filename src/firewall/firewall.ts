@@ -1,0 +1,139 @@
+/**
+ * knit's firewall: nftables only, in knit's own tables, rebuilt from the store.
+ *
+ * Design note. The engine describes every bridge network (`BridgeNetworkRules`) and calls
+ * `applyFirewall` after any network create/rm and on reconcile. The whole ruleset is rebuilt
+ * and replaced in ONE `nft -f` transaction (`table X` / `delete table X` / `table X {...}`),
+ * so the kernel never sees half a ruleset and stale rules cannot survive. Layout:
+ *
+ *   table inet knit                       (IPv4 + IPv6 in one table)
+ *     set bridges                          every knit bridge (type ifname)
+ *     chain forward   filter, priority filter - 5, policy accept
+ *       internal networks: drop bridge -> other interface and other interface -> bridge
+ *       ct state established,related accept; ct status dnat accept (published ports, hairpin)
+ *       isolation: from bridge X to @bridges other than X: drop
+ *     chain postrouting   nat, priority srcnat
+ *       ip[6] saddr SUBNET oifname != BRIDGE masquerade    (masquerading, non-internal nets)
+ *   table bridge knit                     (only when some network has icc=false)
+ *     chain forward   filter, priority 0:  meta ibrname BRIDGE drop
+ *
+ * Every base chain has policy accept and only drops knit traffic, so other programs' tables
+ * (Docker, podman, firewalld) keep deciding about everything else. Why the bridge family for
+ * icc: frames between two ports of one bridge never reach the IP hooks unless br_netfilter is
+ * loaded and enabled (a global switch that slows every bridge and changes other programs'
+ * behaviour). The bridge family's forward hook sees exactly the frames forwarded between
+ * ports, while traffic to the gateway is delivered to the bridge itself (input hook) and so
+ * stays allowed. Kernels built without CONFIG_NFT_BRIDGE_META cannot match `ibrname`; there
+ * the bridge chain drops IP frames whose source and destination are both in the network's
+ * subnet (detected once with `nft -c`).
+ *
+ * Docker's iptables chains are a separate base chain with policy DROP; see docker-user.ts.
+ */
+import { run, type Netns } from "../kernel/exec.ts";
+import { nftApply } from "../kernel/nft.ts";
+import { writeSysctl } from "../kernel/sysctl.ts";
+import { syncDockerUserChain } from "./docker-user.ts";
+import {
+  bridgeTable,
+  checkNetworks,
+  deleteTable,
+  inetTable,
+  type BridgeNetworkRules,
+  type RulesetOptions,
+} from "./rules.ts";
+
+export type { BridgeNetworkRules, RulesetOptions } from "./rules.ts";
+export { checkIfname } from "./rules.ts";
+export { syncDockerUserChain } from "./docker-user.ts";
+
+/**
+ * The complete nft script for these networks: replaces `table inet knit` and `table bridge
+ * knit` atomically. With no networks it only deletes them. Throws KnitError
+ * ("invalid-argument") on a bad bridge name, subnet or network id, before anything is built.
+ */
+export function buildRuleset(
+  nets: readonly BridgeNetworkRules[],
+  opts: RulesetOptions = { bridgeMeta: true },
+): string {
+  const checked = checkNetworks(nets);
+  if (checked.length === 0) return removalScript();
+  const lines = [
+    ...deleteTable("inet"),
+    ...inetTable(checked),
+    ...deleteTable("bridge"),
+    ...bridgeTable(checked, opts),
+  ];
+  return `${lines.join("\n")}\n`;
+}
+
+/** The script that deletes both knit tables (succeeds when they do not exist). */
+export function removalScript(): string {
+  return `${[...deleteTable("inet"), ...deleteTable("bridge")].join("\n")}\n`;
+}
+
+/**
+ * The sysctls a set of networks needs: IPv4 forwarding when a non-internal network has an
+ * IPv4 subnet, IPv6 forwarding likewise. Forwarding is never switched off again: other
+ * programs on the host may rely on it.
+ */
+export function forwardingSysctls(nets: readonly BridgeNetworkRules[]): [key: string, value: string][] {
+  const routed = checkNetworks(nets).filter((n) => !n.internal);
+  const out: [string, string][] = [];
+  if (routed.some((n) => n.v4.length > 0)) out.push(["net.ipv4.ip_forward", "1"]);
+  if (routed.some((n) => n.v6.length > 0)) out.push(["net.ipv6.conf.all.forwarding", "1"]);
+  return out;
+}
+
+const PROBE = `table bridge knit_probe {\n\tchain probe {\n\t\tmeta ibrname "lo" drop\n\t}\n}\n`;
+let bridgeMetaProbe: Promise<boolean> | undefined;
+
+/**
+ * What the kernel supports, probed once per process with `nft -c` (check mode changes
+ * nothing). Kernel features are the same in every namespace.
+ */
+export async function rulesetOptions(ns?: Netns): Promise<RulesetOptions> {
+  bridgeMetaProbe ??= run(["nft", "-c", "-f", "-"], { stdin: PROBE, allowFailure: true, ...(ns ? { netns: ns } : {}) })
+    .then((r) => r.code === 0)
+    .catch(() => false);
+  return { bridgeMeta: await bridgeMetaProbe };
+}
+
+/** One firewall change at a time per namespace, so concurrent callers apply in order. */
+const queues = new Map<string, Promise<unknown>>();
+function serialized<T>(ns: Netns | undefined, work: () => Promise<T>): Promise<T> {
+  const key = ns?.path ?? "";
+  const next = (queues.get(key) ?? Promise.resolve()).then(work, work);
+  const settled = next.catch(() => undefined);
+  queues.set(key, settled);
+  void settled.then(() => {
+    if (queues.get(key) === settled) queues.delete(key);
+  });
+  return next;
+}
+
+/**
+ * Make the kernel's firewall match these networks (all bridge networks of the host): enable
+ * forwarding, replace knit's nft tables in one transaction, then open Docker's DOCKER-USER
+ * chain for knit bridges when Docker is present. With no networks, same as removeFirewall.
+ * Bad input throws before anything changes.
+ */
+export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Netns): Promise<void> {
+  const sysctls = forwardingSysctls(nets); // validates everything first
+  if (nets.length === 0) return removeFirewall(ns);
+  const opts = await rulesetOptions(ns);
+  const script = buildRuleset(nets, opts);
+  const bridges = nets.map((n) => n.bridge);
+  await serialized(ns, async () => {
+    for (const [key, value] of sysctls) await writeSysctl(key, value, ns);
+    await nftApply(script, ns);
+    await syncDockerUserChain(bridges, ns);
+  });
+}
+
+/** Remove everything of knit's firewall: both nft tables and knit's DOCKER-USER rules. Idempotent. */
+export async function removeFirewall(ns?: Netns): Promise<void> {
+  await serialized(ns, async () => {
+    await nftApply(removalScript(), ns);
+    await syncDockerUserChain([], ns);
+  });
+}

@@ -1,0 +1,189 @@
+/**
+ * Rule builders for knit's nftables tables. Pure functions from a validated description of
+ * the bridge networks to lines of nft script; `firewall.ts` assembles them into one
+ * transaction. Every name or subnet that reaches the script is validated or re-printed in
+ * canonical form first, so nothing a user typed can change the script's syntax.
+ */
+import { invalid } from "../errors.ts";
+import { formatCidr, parseCidr } from "../net/ip.ts";
+
+/** What the firewall needs to know about one bridge network. */
+export interface BridgeNetworkRules {
+  /** The network's id (used in rule comments). */
+  networkId: string;
+  /** Linux bridge device name. */
+  bridge: string;
+  /** CIDRs, IPv4 and/or IPv6. */
+  subnets: string[];
+  /** `com.docker.network.bridge.enable_ip_masquerade`. */
+  masquerade: boolean;
+  /** `com.docker.network.bridge.enable_icc`. */
+  icc: boolean;
+  /** `--internal`: no traffic in or out of the bridge. */
+  internal: boolean;
+}
+
+/** What the running kernel can do, as far as the ruleset cares. */
+export interface RulesetOptions {
+  /**
+   * The kernel has `meta ibrname` in the bridge family (CONFIG_NFT_BRIDGE_META). Without
+   * it, icc=false is enforced by matching source and destination address in the subnet.
+   */
+  bridgeMeta: boolean;
+}
+
+/** A network after validation: canonical subnets split by family. */
+export interface CheckedNetwork {
+  readonly id: string;
+  readonly bridge: string;
+  readonly v4: readonly string[];
+  readonly v6: readonly string[];
+  readonly masquerade: boolean;
+  readonly icc: boolean;
+  readonly internal: boolean;
+}
+
+/** Name of knit's tables (one per family: `inet`, `bridge`). */
+export const TABLE = "knit";
+/** The named set of every knit bridge, in `table inet knit`. */
+export const BRIDGE_SET = "bridges";
+
+/**
+ * Check an interface name by the kernel's rules (1-15 bytes, not "." or "..", no '/', ':'
+ * or whitespace) plus what would change its meaning in nft or iptables: quotes, backslash,
+ * control characters, and the wildcards '*' (nft) and '+' (iptables).
+ */
+export function checkIfname(name: string, what = "bridge name"): string {
+  const bytes = new TextEncoder().encode(name).length;
+  if (bytes < 1 || bytes > 15) throw invalid(`invalid ${what} "${name}": must be 1 to 15 bytes long`);
+  if (name === "." || name === "..") throw invalid(`invalid ${what} "${name}"`);
+  const bad = /[\s/:"'\\*+\x00-\x1f\x7f]/.exec(name);
+  if (bad) {
+    throw invalid(
+      `invalid ${what} "${name}": contains ${JSON.stringify(bad[0])}`,
+      "use letters, digits, '-', '_' and '.'",
+    );
+  }
+  return name;
+}
+
+/** Network ids only appear in rule comments; they must be plain tokens. */
+function checkNetworkId(id: string): string {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(id)) throw invalid(`invalid network id "${id}"`);
+  return id;
+}
+
+/** Validate every network (all before any is used) and reject duplicate bridges. */
+export function checkNetworks(nets: readonly BridgeNetworkRules[]): CheckedNetwork[] {
+  const seen = new Set<string>();
+  return nets.map((n) => {
+    const bridge = checkIfname(n.bridge);
+    if (seen.has(bridge)) throw invalid(`bridge "${bridge}" is listed for more than one network`);
+    seen.add(bridge);
+    const cidrs = n.subnets.map((s) => parseCidr(s, "subnet", false));
+    return {
+      id: checkNetworkId(n.networkId),
+      bridge,
+      v4: cidrs.filter((c) => c.family === 4).map(formatCidr),
+      v6: cidrs.filter((c) => c.family === 6).map(formatCidr),
+      masquerade: n.masquerade,
+      icc: n.icc,
+      internal: n.internal,
+    };
+  });
+}
+
+/** A validated name as an nft string literal. */
+const q = (s: string): string => `"${s}"`;
+const comment = (n: CheckedNetwork): string => `comment ${q(`knit ${n.id}`)}`;
+
+/** The set of all knit bridges, the basis of isolation. */
+export function bridgeSet(nets: readonly CheckedNetwork[]): string[] {
+  const elements = nets.length > 0 ? [`\t\telements = { ${nets.map((n) => q(n.bridge)).join(", ")} }`] : [];
+  return [`\tset ${BRIDGE_SET} {`, "\t\ttype ifname", ...elements, "\t}"];
+}
+
+/** --internal: nothing enters or leaves the bridge; traffic within it is untouched. */
+export function internalRules(n: CheckedNetwork): string[] {
+  if (!n.internal) return [];
+  const br = q(n.bridge);
+  return [
+    `iifname ${br} oifname != ${br} drop ${comment(n)}`,
+    `oifname ${br} iifname != ${br} drop ${comment(n)}`,
+  ];
+}
+
+/** Isolation: from this bridge to any other knit bridge is dropped. */
+export function isolationRule(n: CheckedNetwork): string {
+  const br = q(n.bridge);
+  return `iifname ${br} oifname @${BRIDGE_SET} oifname != ${br} drop ${comment(n)}`;
+}
+
+/** Source NAT for traffic that leaves a masquerading network through another interface. */
+export function masqueradeRules(n: CheckedNetwork): string[] {
+  if (!n.masquerade || n.internal) return [];
+  const br = q(n.bridge);
+  return [
+    ...n.v4.map((s) => `ip saddr ${s} oifname != ${br} masquerade ${comment(n)}`),
+    ...n.v6.map((s) => `ip6 saddr ${s} oifname != ${br} masquerade ${comment(n)}`),
+  ];
+}
+
+/**
+ * icc=false: frames bridged between two ports of the bridge are dropped. Frames to the
+ * gateway are delivered to the bridge itself (input hook), so they never reach this chain.
+ */
+export function iccRules(n: CheckedNetwork, opts: RulesetOptions): string[] {
+  if (n.icc) return [];
+  if (opts.bridgeMeta) return [`meta ibrname ${q(n.bridge)} drop ${comment(n)}`];
+  return [
+    ...n.v4.map((s) => `ip saddr ${s} ip daddr ${s} drop ${comment(n)}`),
+    ...n.v6.map((s) => `ip6 saddr ${s} ip6 daddr ${s} drop ${comment(n)}`),
+  ];
+}
+
+/** A base chain with its hook line and rules, indented for a table body. */
+export function chain(name: string, hook: string, rules: readonly string[]): string[] {
+  return [`\tchain ${name} {`, `\t\t${hook}`, ...rules.map((r) => `\t\t${r}`), "\t}"];
+}
+
+/** The forward filter of `table inet knit`: internal, then conntrack, then isolation. */
+export function forwardRules(nets: readonly CheckedNetwork[]): string[] {
+  return [
+    ...nets.flatMap(internalRules),
+    "ct state established,related accept",
+    "ct status dnat accept",
+    ...nets.map(isolationRule),
+  ];
+}
+
+/** `table inet knit { ... }`: isolation, internal networks and masquerade. */
+export function inetTable(nets: readonly CheckedNetwork[]): string[] {
+  return [
+    `table inet ${TABLE} {`,
+    ...bridgeSet(nets),
+    ...chain("forward", "type filter hook forward priority filter - 5; policy accept;", forwardRules(nets)),
+    ...chain(
+      "postrouting",
+      "type nat hook postrouting priority srcnat; policy accept;",
+      nets.flatMap(masqueradeRules),
+    ),
+    "}",
+  ];
+}
+
+/** `table bridge knit { ... }` for icc=false networks, or nothing when there are none. */
+export function bridgeTable(nets: readonly CheckedNetwork[], opts: RulesetOptions): string[] {
+  const rules = nets.flatMap((n) => iccRules(n, opts));
+  if (rules.length === 0) return [];
+  return [
+    `table bridge ${TABLE} {`,
+    ...chain("forward", "type filter hook forward priority 0; policy accept;", rules),
+    "}",
+  ];
+}
+
+/** Lines that delete a table if it exists (declare, then delete: never fails). */
+export function deleteTable(family: "inet" | "bridge"): string[] {
+  return [`table ${family} ${TABLE}`, `delete table ${family} ${TABLE}`];
+}

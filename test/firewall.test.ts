@@ -1,0 +1,357 @@
+/**
+ * knit's firewall against the real kernel. Run inside a private network + mount namespace
+ * (scripts/lab-run): every namespace below is created by this file and deleted in afterAll.
+ *
+ * Topology (all names carry a per-run prefix):
+ *
+ *   c1 10.88.1.2 ─┐
+ *   c2 10.88.1.3 ─┴─ brA 10.88.1.1 ┐
+ *   c3 10.88.2.2 ─── brB 10.88.2.1 ┴─ "host" ── up0 192.0.2.2 ─── 192.0.2.1 "outside"
+ *
+ * "outside" has no route back to 10.88.0.0/16, so a reply reaching a container proves that
+ * the host masqueraded the request.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { KnitError } from "../src/errors.ts";
+import {
+  applyFirewall,
+  buildRuleset,
+  forwardingSysctls,
+  removeFirewall,
+  rulesetOptions,
+  syncDockerUserChain,
+  type BridgeNetworkRules,
+} from "../src/firewall/firewall.ts";
+import { run, type Netns } from "../src/kernel/exec.ts";
+import { nftListTable, nftTables, type NftJson } from "../src/kernel/nft.ts";
+
+const P = `kfw${process.pid}`;
+const NS = { host: `${P}-host`, c1: `${P}-c1`, c2: `${P}-c2`, c3: `${P}-c3`, out: `${P}-out` } as const;
+const host: Netns = { path: `/run/netns/${NS.host}` };
+const OUTSIDE = "192.0.2.1";
+const GW_A = "10.88.1.1";
+
+const netA: BridgeNetworkRules = {
+  networkId: "neta",
+  bridge: "brA",
+  subnets: ["10.88.1.0/24", "fd00:88:1::/64"],
+  masquerade: true,
+  icc: true,
+  internal: false,
+};
+const netB: BridgeNetworkRules = {
+  networkId: "netb",
+  bridge: "brB",
+  subnets: ["10.88.2.0/24"],
+  masquerade: true,
+  icc: true,
+  internal: false,
+};
+
+const sh = (...argv: string[]) => run(argv);
+const ipn = (ns: string, ...argv: string[]) => run(["ip", "-n", ns, ...argv]);
+const exec = (ns: string, ...argv: string[]) => run(["ip", "netns", "exec", ns, ...argv], { allowFailure: true });
+
+/** One ICMP echo; true when the reply came back. */
+async function ping(from: string, to: string): Promise<boolean> {
+  return (await exec(from, "ping", "-n", "-c1", "-W1", to)).code === 0;
+}
+
+/** Reachability of several pairs at once, as a map "from>to" -> reachable. */
+async function reach(pairs: readonly [string, string][]): Promise<Record<string, boolean>> {
+  const results = await Promise.all(pairs.map(([from, to]) => ping(from, to)));
+  return Object.fromEntries(pairs.map(([from, to], i) => [`${from.slice(P.length + 1)}>${to}`, results[i] === true]));
+}
+
+/** Rules of one chain in an `nft -j` document. */
+function rules(doc: NftJson | undefined, chain: string): Record<string, unknown>[] {
+  return (doc?.nftables ?? []).flatMap((o) => (o.rule && o.rule.chain === chain ? [o.rule] : []));
+}
+const chains = (doc: NftJson | undefined): string[] =>
+  (doc?.nftables ?? []).flatMap((o) => (o.chain ? [String(o.chain.name)] : []));
+const setElements = (doc: NftJson | undefined, name: string): unknown =>
+  (doc?.nftables ?? []).find((o) => o.set?.name === name)?.set?.elem;
+
+/** Knit's rules in DOCKER-USER as `iptables -S` prints them, and all rules there. */
+async function dockerUser(tool: string): Promise<{ knit: string[]; all: string[] }> {
+  const { stdout } = await run(["ip", "netns", "exec", NS.host, tool, "-S", "DOCKER-USER"]);
+  const all = stdout.split("\n").filter((l) => l.startsWith("-A DOCKER-USER"));
+  return { knit: all.filter((l) => l.includes("--comment knit")), all };
+}
+
+beforeAll(async () => {
+  for (const ns of Object.values(NS)) {
+    await sh("ip", "netns", "add", ns);
+    await ipn(ns, "link", "set", "lo", "up");
+  }
+  for (const [br, gw] of [["brA", GW_A], ["brB", "10.88.2.1"]] as const) {
+    await ipn(NS.host, "link", "add", br, "type", "bridge");
+    await ipn(NS.host, "addr", "add", `${gw}/24`, "dev", br);
+    await ipn(NS.host, "link", "set", br, "up");
+  }
+  const containers = [
+    [NS.c1, "brA", "10.88.1.2", GW_A],
+    [NS.c2, "brA", "10.88.1.3", GW_A],
+    [NS.c3, "brB", "10.88.2.2", "10.88.2.1"],
+  ] as const;
+  for (const [ns, br, addr, gw] of containers) {
+    const port = `v${ns.slice(P.length + 1)}`;
+    await ipn(NS.host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns);
+    await ipn(NS.host, "link", "set", port, "master", br, "up");
+    await ipn(ns, "addr", "add", `${addr}/24`, "dev", "eth0");
+    await ipn(ns, "link", "set", "eth0", "up");
+    await ipn(ns, "route", "add", "default", "via", gw);
+  }
+  await ipn(NS.host, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", NS.out);
+  await ipn(NS.host, "addr", "add", "192.0.2.2/24", "dev", "up0");
+  await ipn(NS.host, "link", "set", "up0", "up");
+  await ipn(NS.out, "addr", "add", `${OUTSIDE}/24`, "dev", "eth0");
+  await ipn(NS.out, "link", "set", "eth0", "up");
+  // No br_netfilter in "host": icc=false must work without it (per-namespace switch).
+  await exec(NS.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0");
+  await exec(NS.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-ip6tables=0");
+});
+
+afterAll(async () => {
+  for (const ns of Object.values(NS)) await run(["ip", "netns", "del", ns], { allowFailure: true });
+  const left = (await run(["ip", "netns", "list"])).stdout;
+  expect(left).not.toContain(P);
+});
+
+describe("buildRuleset", () => {
+  test("output passes nft check mode, for this kernel's features", async () => {
+    const opts = await rulesetOptions();
+    for (const icc of [true, false]) {
+      const script = buildRuleset([{ ...netA, icc }, { ...netB, internal: true }], opts);
+      const res = await run(["nft", "-c", "-f", "-"], { stdin: script, allowFailure: true });
+      expect(res.stderr).toBe("");
+      expect(res.code).toBe(0);
+    }
+  });
+
+  test("shape: own tables, atomic replace, isolation, masquerade, icc", () => {
+    const script = buildRuleset([{ ...netA, icc: false }, netB], { bridgeMeta: true });
+    expect(script).toStartWith("table inet knit\ndelete table inet knit\ntable inet knit {\n");
+    expect(script).toContain("table bridge knit\ndelete table bridge knit\ntable bridge knit {");
+    expect(script).toContain('elements = { "brA", "brB" }');
+    expect(script).toContain('iifname "brA" oifname @bridges oifname != "brA" drop');
+    expect(script).toContain('ip saddr 10.88.1.0/24 oifname != "brA" masquerade');
+    expect(script).toContain('ip6 saddr fd00:88:1::/64 oifname != "brA" masquerade');
+    expect(script).toContain('meta ibrname "brA" drop');
+    expect(buildRuleset([{ ...netA, icc: false }], { bridgeMeta: false })).toContain(
+      "ip saddr 10.88.1.0/24 ip daddr 10.88.1.0/24 drop",
+    );
+    // No icc=false network: the bridge table is only deleted, never created.
+    expect(buildRuleset([netA])).not.toContain("table bridge knit {");
+    expect(buildRuleset([])).toBe("table inet knit\ndelete table inet knit\ntable bridge knit\ndelete table bridge knit\n");
+  });
+
+  test("bad bridge names, subnets and duplicates are rejected before anything is built", () => {
+    for (const bridge of ["", "br/x", "br x", 'br"x', "br'x", "br:0", "br*", "br\\x", "a234567890123456", ".."]) {
+      let err: unknown;
+      try {
+        buildRuleset([{ ...netA, bridge }]);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(KnitError);
+      expect((err as KnitError).code).toBe("invalid-argument");
+    }
+    expect(() => buildRuleset([{ ...netA, subnets: ["10.0.0.0/33"] }])).toThrow(KnitError);
+    expect(() => buildRuleset([netA, { ...netB, bridge: "brA" }])).toThrow(/more than one network/);
+    expect(() => buildRuleset([{ ...netA, networkId: 'x" drop' }])).toThrow(KnitError);
+  });
+
+  test("forwarding sysctls follow the families of routed networks", () => {
+    expect(forwardingSysctls([netB])).toEqual([["net.ipv4.ip_forward", "1"]]);
+    expect(forwardingSysctls([netA])).toEqual([
+      ["net.ipv4.ip_forward", "1"],
+      ["net.ipv6.conf.all.forwarding", "1"],
+    ]);
+    expect(forwardingSysctls([{ ...netA, internal: true }])).toEqual([]);
+  });
+});
+
+describe("applyFirewall on a real topology", () => {
+  test("without knit's firewall, the networks reach each other", async () => {
+    await exec(NS.host, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1");
+    expect(await reach([[NS.c1, "10.88.2.2"]])).toEqual({ "c1>10.88.2.2": true });
+  }, 30_000);
+
+  test("isolation between networks, masquerade to the outside, icc inside", async () => {
+    await applyFirewall([netA, netB], host);
+    const doc = await nftListTable("inet", "knit", host);
+    expect(chains(doc).sort()).toEqual(["forward", "postrouting"]);
+    expect(rules(doc, "forward")).toHaveLength(4); // established, dnat, 2 x isolation
+    expect(rules(doc, "postrouting")).toHaveLength(3); // brA v4 + v6, brB v4
+    expect(setElements(doc, "bridges")).toEqual(["brA", "brB"]);
+    expect(await nftListTable("bridge", "knit", host)).toBeUndefined();
+    expect((await exec(NS.host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")).stdout.trim()).toBe("1");
+
+    expect(
+      await reach([
+        [NS.c1, "10.88.1.3"],
+        [NS.c1, "10.88.2.2"],
+        [NS.c3, "10.88.1.2"],
+        [NS.c1, OUTSIDE],
+        [NS.c3, OUTSIDE],
+        [NS.c1, GW_A],
+      ]),
+    ).toEqual({
+      "c1>10.88.1.3": true,
+      "c1>10.88.2.2": false,
+      "c3>10.88.1.2": false,
+      [`c1>${OUTSIDE}`]: true,
+      [`c3>${OUTSIDE}`]: true,
+      [`c1>${GW_A}`]: true,
+    });
+  }, 30_000);
+
+  test("masquerade=false: no source NAT, so the outside cannot answer", async () => {
+    await applyFirewall([netA, { ...netB, masquerade: false }], host);
+    expect(rules(await nftListTable("inet", "knit", host), "postrouting")).toHaveLength(2);
+    expect(await reach([[NS.c3, OUTSIDE], [NS.c1, OUTSIDE]])).toEqual({
+      [`c3>${OUTSIDE}`]: false,
+      [`c1>${OUTSIDE}`]: true,
+    });
+  }, 30_000);
+
+  test("icc=false: containers cannot talk, the gateway and the outside still answer", async () => {
+    await applyFirewall([{ ...netA, icc: false }, netB], host);
+    const bridgeDoc = await nftListTable("bridge", "knit", host);
+    expect(chains(bridgeDoc)).toEqual(["forward"]);
+    expect(rules(bridgeDoc, "forward").length).toBeGreaterThanOrEqual(1);
+    expect(
+      await reach([
+        [NS.c1, "10.88.1.3"],
+        [NS.c2, "10.88.1.2"],
+        [NS.c1, GW_A],
+        [NS.c1, OUTSIDE],
+      ]),
+    ).toEqual({ "c1>10.88.1.3": false, "c2>10.88.1.2": false, [`c1>${GW_A}`]: true, [`c1>${OUTSIDE}`]: true });
+  }, 30_000);
+
+  test("internal: nothing leaves the network, traffic inside it still flows", async () => {
+    await applyFirewall([{ ...netA, internal: true }, netB], host);
+    const doc = await nftListTable("inet", "knit", host);
+    expect(rules(doc, "forward")).toHaveLength(6); // 2 internal + established, dnat + 2 isolation
+    expect(rules(doc, "postrouting")).toHaveLength(1); // brB only
+    expect(await nftListTable("bridge", "knit", host)).toBeUndefined();
+    expect(
+      await reach([
+        [NS.c1, OUTSIDE],
+        [NS.c1, "10.88.1.3"],
+        [NS.c3, "10.88.1.2"],
+        [NS.c3, OUTSIDE],
+      ]),
+    ).toEqual({
+      [`c1>${OUTSIDE}`]: false,
+      "c1>10.88.1.3": true,
+      "c3>10.88.1.2": false,
+      [`c3>${OUTSIDE}`]: true,
+    });
+  }, 30_000);
+
+  test("bad input changes nothing", async () => {
+    const before = await nftListTable("inet", "knit", host);
+    let err: unknown;
+    try {
+      await applyFirewall([netA, { ...netB, bridge: "bad name" }], host);
+    } catch (e) {
+      err = e;
+    }
+    expect((err as KnitError).code).toBe("invalid-argument");
+    expect(await nftListTable("inet", "knit", host)).toEqual(before);
+  });
+});
+
+describe("removeFirewall", () => {
+  test("leaves no knit table, twice in a row", async () => {
+    await applyFirewall([{ ...netA, icc: false }, netB], host);
+    await removeFirewall(host);
+    await removeFirewall(host);
+    const tables = await nftTables(host);
+    expect(tables.filter((t) => t.name === "knit")).toEqual([]);
+    await applyFirewall([], host); // no networks: the same as remove
+    expect((await nftTables(host)).filter((t) => t.name === "knit")).toEqual([]);
+  });
+});
+
+describe("syncDockerUserChain", () => {
+  test("without a DOCKER-USER chain it does nothing", async () => {
+    await syncDockerUserChain(["brA"], host);
+    const res = await exec(NS.host, "iptables", "-S", "DOCKER-USER");
+    expect(res.code).not.toBe(0);
+  });
+
+  test("Docker's FORWARD DROP blocks knit bridges until knit opens DOCKER-USER", async () => {
+    // What dockerd does: br_netfilter on, FORWARD policy DROP, DOCKER-USER jumped to first.
+    await exec(NS.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1");
+    for (const tool of ["iptables", "ip6tables"]) {
+      for (const args of [
+        ["-N", "DOCKER-USER"],
+        ["-A", "DOCKER-USER", "-i", "dockeruser0", "-j", "RETURN"], // a user's rule, not ours
+        ["-A", "FORWARD", "-j", "DOCKER-USER"],
+        ["-P", "FORWARD", "DROP"],
+      ]) {
+        const res = await exec(NS.host, tool, ...args);
+        expect(res.stderr).toBe("");
+      }
+    }
+    await removeFirewall(host);
+    expect(
+      await reach([
+        [NS.c1, OUTSIDE],
+        [NS.c1, "10.88.1.3"],
+      ]),
+    ).toEqual({ [`c1>${OUTSIDE}`]: false, "c1>10.88.1.3": false });
+
+    await applyFirewall([netA, netB], host);
+    for (const tool of ["iptables", "ip6tables"]) {
+      const { knit, all } = await dockerUser(tool);
+      expect(knit.sort()).toEqual(
+        ["-i brA", "-o brA", "-i brB", "-o brB"].map((m) => `-A DOCKER-USER ${m} -m comment --comment knit -j ACCEPT`).sort(),
+      );
+      expect(all).toContain("-A DOCKER-USER -i dockeruser0 -j RETURN");
+    }
+    expect(
+      await reach([
+        [NS.c1, OUTSIDE],
+        [NS.c1, "10.88.1.3"],
+        [NS.c3, OUTSIDE],
+        [NS.c1, "10.88.2.2"],
+      ]),
+    ).toEqual({ [`c1>${OUTSIDE}`]: true, "c1>10.88.1.3": true, [`c3>${OUTSIDE}`]: true, "c1>10.88.2.2": false });
+  }, 60_000);
+
+  test("stale and duplicate knit rules go, everything else stays", async () => {
+    const tag = ["-m", "comment", "--comment", "knit", "-j", "ACCEPT"];
+    await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-i", "brGone", ...tag);
+    await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-i", "brA", ...tag);
+    await applyFirewall([netA], host);
+    await applyFirewall([netA], host); // idempotent
+    for (const tool of ["iptables", "ip6tables"]) {
+      const { knit, all } = await dockerUser(tool);
+      expect(knit.sort()).toEqual([
+        "-A DOCKER-USER -i brA -m comment --comment knit -j ACCEPT",
+        "-A DOCKER-USER -o brA -m comment --comment knit -j ACCEPT",
+      ]);
+      expect(all).toContain("-A DOCKER-USER -i dockeruser0 -j RETURN");
+    }
+    // brB is no knit network any more: Docker's DROP policy applies to it again.
+    expect(await reach([[NS.c3, OUTSIDE], [NS.c1, OUTSIDE]])).toEqual({
+      [`c3>${OUTSIDE}`]: false,
+      [`c1>${OUTSIDE}`]: true,
+    });
+
+    await removeFirewall(host);
+    for (const tool of ["iptables", "ip6tables"]) {
+      const { knit, all } = await dockerUser(tool);
+      expect(knit).toEqual([]);
+      expect(all).toEqual(["-A DOCKER-USER -i dockeruser0 -j RETURN"]);
+    }
+    const forward = await run(["ip", "netns", "exec", NS.host, "iptables", "-S", "FORWARD"]);
+    expect(forward.stdout).toContain("-P FORWARD DROP");
+    expect(forward.stdout).toContain("-A FORWARD -j DOCKER-USER");
+  }, 60_000);
+});
