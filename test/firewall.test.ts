@@ -18,7 +18,6 @@ import {
   buildRuleset,
   forwardingSysctls,
   removeFirewall,
-  rulesetOptions,
   syncDockerUserChain,
   type BridgeNetworkRules,
 } from "../src/firewall/firewall.ts";
@@ -36,7 +35,6 @@ const netA: BridgeNetworkRules = {
   bridge: "brA",
   subnets: ["10.88.1.0/24", "fd00:88:1::/64"],
   masquerade: true,
-  icc: true,
   internal: false,
 };
 const netB: BridgeNetworkRules = {
@@ -44,7 +42,6 @@ const netB: BridgeNetworkRules = {
   bridge: "brB",
   subnets: ["10.88.2.0/24"],
   masquerade: true,
-  icc: true,
   internal: false,
 };
 
@@ -107,7 +104,7 @@ beforeAll(async () => {
   await ipn(NS.host, "link", "set", "up0", "up");
   await ipn(NS.out, "addr", "add", `${OUTSIDE}/24`, "dev", "eth0");
   await ipn(NS.out, "link", "set", "eth0", "up");
-  // No br_netfilter in "host": icc=false must work without it (per-namespace switch).
+  // No br_netfilter in "host": the rules must not depend on it (per-namespace switch).
   await exec(NS.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0");
   await exec(NS.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-ip6tables=0");
 });
@@ -120,30 +117,23 @@ afterAll(async () => {
 
 describe("buildRuleset", () => {
   test("output passes nft check mode, for this kernel's features", async () => {
-    const opts = await rulesetOptions();
-    for (const icc of [true, false]) {
-      const script = buildRuleset([{ ...netA, icc }, { ...netB, internal: true }], opts);
+    for (const internal of [true, false]) {
+      const script = buildRuleset([{ ...netA, internal }, { ...netB, internal: !internal }]);
       const res = await run(["nft", "-c", "-f", "-"], { stdin: script, allowFailure: true });
       expect(res.stderr).toBe("");
       expect(res.code).toBe(0);
     }
   });
 
-  test("shape: own tables, atomic replace, isolation, masquerade, icc", () => {
-    const script = buildRuleset([{ ...netA, icc: false }, netB], { bridgeMeta: true });
+  test("shape: own table, atomic replace, isolation, masquerade", () => {
+    const script = buildRuleset([netA, netB]);
     expect(script).toStartWith("table inet knit\ndelete table inet knit\ntable inet knit {\n");
-    expect(script).toContain("table bridge knit\ndelete table bridge knit\ntable bridge knit {");
     expect(script).toContain('elements = { "brA", "brB" }');
     expect(script).toContain('iifname "brA" oifname @bridges oifname != "brA" drop');
     expect(script).toContain('ip saddr 10.88.1.0/24 oifname != "brA" masquerade');
     expect(script).toContain('ip6 saddr fd00:88:1::/64 oifname != "brA" masquerade');
-    expect(script).toContain('meta ibrname "brA" drop');
-    expect(buildRuleset([{ ...netA, icc: false }], { bridgeMeta: false })).toContain(
-      "ip saddr 10.88.1.0/24 ip daddr 10.88.1.0/24 drop",
-    );
-    // No icc=false network: the bridge table is only deleted, never created.
-    expect(buildRuleset([netA])).not.toContain("table bridge knit {");
-    expect(buildRuleset([])).toBe("table inet knit\ndelete table inet knit\ntable bridge knit\ndelete table bridge knit\n");
+    expect(script).not.toContain("table bridge");
+    expect(buildRuleset([])).toBe("table inet knit\ndelete table inet knit\n");
   });
 
   test("bad bridge names, subnets and duplicates are rejected before anything is built", () => {
@@ -185,7 +175,6 @@ describe("applyFirewall on a real topology", () => {
     expect(rules(doc, "forward")).toHaveLength(4); // established, dnat, 2 x isolation
     expect(rules(doc, "postrouting")).toHaveLength(3); // brA v4 + v6, brB v4
     expect(setElements(doc, "bridges")).toEqual(["brA", "brB"]);
-    expect(await nftListTable("bridge", "knit", host)).toBeUndefined();
     expect((await exec(NS.host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")).stdout.trim()).toBe("1");
 
     expect(
@@ -216,27 +205,11 @@ describe("applyFirewall on a real topology", () => {
     });
   }, 30_000);
 
-  test("icc=false: containers cannot talk, the gateway and the outside still answer", async () => {
-    await applyFirewall([{ ...netA, icc: false }, netB], host);
-    const bridgeDoc = await nftListTable("bridge", "knit", host);
-    expect(chains(bridgeDoc)).toEqual(["forward"]);
-    expect(rules(bridgeDoc, "forward").length).toBeGreaterThanOrEqual(1);
-    expect(
-      await reach([
-        [NS.c1, "10.88.1.3"],
-        [NS.c2, "10.88.1.2"],
-        [NS.c1, GW_A],
-        [NS.c1, OUTSIDE],
-      ]),
-    ).toEqual({ "c1>10.88.1.3": false, "c2>10.88.1.2": false, [`c1>${GW_A}`]: true, [`c1>${OUTSIDE}`]: true });
-  }, 30_000);
-
   test("internal: nothing leaves the network, traffic inside it still flows", async () => {
     await applyFirewall([{ ...netA, internal: true }, netB], host);
     const doc = await nftListTable("inet", "knit", host);
     expect(rules(doc, "forward")).toHaveLength(6); // 2 internal + established, dnat + 2 isolation
     expect(rules(doc, "postrouting")).toHaveLength(1); // brB only
-    expect(await nftListTable("bridge", "knit", host)).toBeUndefined();
     expect(
       await reach([
         [NS.c1, OUTSIDE],
@@ -267,7 +240,7 @@ describe("applyFirewall on a real topology", () => {
 
 describe("removeFirewall", () => {
   test("leaves no knit table, twice in a row", async () => {
-    await applyFirewall([{ ...netA, icc: false }, netB], host);
+    await applyFirewall([netA, netB], host);
     await removeFirewall(host);
     await removeFirewall(host);
     const tables = await nftTables(host);

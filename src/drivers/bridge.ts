@@ -132,6 +132,8 @@ export const bridgeDriver: NetworkDriver = {
     await ipBatch([
       `link add ${host} mtu ${st.mtu} type veth peer name ${batchToken(endpoint.ifname)} mtu ${st.mtu} netns ${batchToken(target)}`,
       `link set dev ${host} master ${batchToken(st.bridge)} alias ${batchToken(knitAlias(endpoint.id))} up`,
+      // icc=false: isolated ports cannot reach each other, only the bridge (the gateway).
+      ...(st.icc ? [] : [`link set dev ${host} type bridge_slave isolated on`]),
     ]);
     const dev = batchToken(endpoint.ifname);
     const inside = [`link set dev ${dev} address ${endpoint.mac}`];
@@ -163,7 +165,6 @@ export const bridgeDriver: NetworkDriver = {
       bridge: st.bridge,
       subnets: net.subnets.map((s) => s.subnet),
       masquerade: st.masquerade,
-      icc: st.icc,
       internal: net.internal,
     };
   },

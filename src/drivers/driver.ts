@@ -5,6 +5,7 @@
  * driver for kernel work, and records the outcome.
  */
 import { invalid } from "../errors.ts";
+export { checkIfname } from "../net/ifname.ts";
 import type { Netns } from "../kernel/exec.ts";
 import type { DriverName, Endpoint, Network } from "../model.ts";
 import type { BridgeNetworkRules } from "../firewall/firewall.ts";
@@ -69,14 +70,6 @@ export function parseIntOption(key: string, value: string, min: number, max: num
   const n = /^\d+$/.test(value) ? Number(value) : NaN;
   if (!(n >= min && n <= max)) throw invalid(`invalid value "${value}" for option ${key}: expected a whole number from ${min} to ${max}`);
   return n;
-}
-
-/** Linux interface name rules: 1-15 bytes, no '/', ':', white space, quotes; not "." or "..". */
-export function checkIfname(name: string, what: string): string {
-  if (name.length < 1 || name.length > 15 || name === "." || name === ".." || /[/:\s"'\\]/.test(name)) {
-    throw invalid(`invalid ${what} "${name}": interface names are 1-15 characters without '/', ':', quotes or spaces`);
-  }
-  return name;
 }
 
 /** Refuse option keys the driver does not know. */

@@ -12,7 +12,7 @@
  * Isolation between knit networks still holds: knit's nft table drops before Docker's chains.
  */
 import { run, type Netns, type RunResult } from "../kernel/exec.ts";
-import { checkIfname } from "./rules.ts";
+import { checkIfname } from "../net/ifname.ts";
 
 const CHAIN = "DOCKER-USER";
 const TAG = "knit";

@@ -14,61 +14,38 @@
  *       isolation: from bridge X to @bridges other than X: drop
  *     chain postrouting   nat, priority srcnat
  *       ip[6] saddr SUBNET oifname != BRIDGE masquerade    (masquerading, non-internal nets)
- *   table bridge knit                     (only when some network has icc=false)
- *     chain forward   filter, priority 0:  meta ibrname BRIDGE drop
  *
  * Every base chain has policy accept and only drops knit traffic, so other programs' tables
- * (Docker, podman, firewalld) keep deciding about everything else. Why the bridge family for
- * icc: frames between two ports of one bridge never reach the IP hooks unless br_netfilter is
- * loaded and enabled (a global switch that slows every bridge and changes other programs'
- * behaviour). The bridge family's forward hook sees exactly the frames forwarded between
- * ports, while traffic to the gateway is delivered to the bridge itself (input hook) and so
- * stays allowed. Kernels built without CONFIG_NFT_BRIDGE_META cannot match `ibrname`; there
- * the bridge chain drops IP frames whose source and destination are both in the network's
- * subnet (detected once with `nft -c`).
+ * (Docker, podman, firewalld) keep deciding about everything else. icc=false is not a
+ * firewall rule: the bridge driver marks the network's ports `isolated` (bridge port
+ * isolation), which stops frames between containers, ARP included, on any kernel and
+ * without br_netfilter, while the gateway (the bridge itself) still answers.
  *
  * Docker's iptables chains are a separate base chain with policy DROP; see docker-user.ts.
  */
-import { run, type Netns } from "../kernel/exec.ts";
+import type { Netns } from "../kernel/exec.ts";
 import { nftApply } from "../kernel/nft.ts";
 import { writeSysctl } from "../kernel/sysctl.ts";
 import { syncDockerUserChain } from "./docker-user.ts";
-import {
-  bridgeTable,
-  checkNetworks,
-  deleteTable,
-  inetTable,
-  type BridgeNetworkRules,
-  type RulesetOptions,
-} from "./rules.ts";
+import { checkNetworks, deleteTable, inetTable, type BridgeNetworkRules } from "./rules.ts";
 
-export type { BridgeNetworkRules, RulesetOptions } from "./rules.ts";
-export { checkIfname } from "./rules.ts";
+export type { BridgeNetworkRules } from "./rules.ts";
 export { syncDockerUserChain } from "./docker-user.ts";
 
 /**
- * The complete nft script for these networks: replaces `table inet knit` and `table bridge
- * knit` atomically. With no networks it only deletes them. Throws KnitError
- * ("invalid-argument") on a bad bridge name, subnet or network id, before anything is built.
+ * The complete nft script for these networks: replaces `table inet knit` atomically. With no
+ * networks it only deletes it. Throws KnitError("invalid-argument") on a bad bridge name,
+ * subnet or network id, before anything is built.
  */
-export function buildRuleset(
-  nets: readonly BridgeNetworkRules[],
-  opts: RulesetOptions = { bridgeMeta: true },
-): string {
+export function buildRuleset(nets: readonly BridgeNetworkRules[]): string {
   const checked = checkNetworks(nets);
   if (checked.length === 0) return removalScript();
-  const lines = [
-    ...deleteTable("inet"),
-    ...inetTable(checked),
-    ...deleteTable("bridge"),
-    ...bridgeTable(checked, opts),
-  ];
-  return `${lines.join("\n")}\n`;
+  return `${[...deleteTable(), ...inetTable(checked)].join("\n")}\n`;
 }
 
-/** The script that deletes both knit tables (succeeds when they do not exist). */
+/** The script that deletes knit's table (succeeds when it does not exist). */
 export function removalScript(): string {
-  return `${[...deleteTable("inet"), ...deleteTable("bridge")].join("\n")}\n`;
+  return `${deleteTable().join("\n")}\n`;
 }
 
 /**
@@ -82,20 +59,6 @@ export function forwardingSysctls(nets: readonly BridgeNetworkRules[]): [key: st
   if (routed.some((n) => n.v4.length > 0)) out.push(["net.ipv4.ip_forward", "1"]);
   if (routed.some((n) => n.v6.length > 0)) out.push(["net.ipv6.conf.all.forwarding", "1"]);
   return out;
-}
-
-const PROBE = `table bridge knit_probe {\n\tchain probe {\n\t\tmeta ibrname "lo" drop\n\t}\n}\n`;
-let bridgeMetaProbe: Promise<boolean> | undefined;
-
-/**
- * What the kernel supports, probed once per process with `nft -c` (check mode changes
- * nothing). Kernel features are the same in every namespace.
- */
-export async function rulesetOptions(ns?: Netns): Promise<RulesetOptions> {
-  bridgeMetaProbe ??= run(["nft", "-c", "-f", "-"], { stdin: PROBE, allowFailure: true, ...(ns ? { netns: ns } : {}) })
-    .then((r) => r.code === 0)
-    .catch(() => false);
-  return { bridgeMeta: await bridgeMetaProbe };
 }
 
 /** One firewall change at a time per namespace, so concurrent callers apply in order. */
@@ -120,8 +83,7 @@ function serialized<T>(ns: Netns | undefined, work: () => Promise<T>): Promise<T
 export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Netns): Promise<void> {
   const sysctls = forwardingSysctls(nets); // validates everything first
   if (nets.length === 0) return removeFirewall(ns);
-  const opts = await rulesetOptions(ns);
-  const script = buildRuleset(nets, opts);
+  const script = buildRuleset(nets);
   const bridges = nets.map((n) => n.bridge);
   await serialized(ns, async () => {
     for (const [key, value] of sysctls) await writeSysctl(key, value, ns);
@@ -130,7 +92,7 @@ export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Ne
   });
 }
 
-/** Remove everything of knit's firewall: both nft tables and knit's DOCKER-USER rules. Idempotent. */
+/** Remove everything of knit's firewall: the nft table and knit's DOCKER-USER rules. Idempotent. */
 export async function removeFirewall(ns?: Netns): Promise<void> {
   await serialized(ns, async () => {
     await nftApply(removalScript(), ns);

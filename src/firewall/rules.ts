@@ -5,6 +5,7 @@
  * canonical form first, so nothing a user typed can change the script's syntax.
  */
 import { invalid } from "../errors.ts";
+import { checkIfname } from "../net/ifname.ts";
 import { formatCidr, parseCidr } from "../net/ip.ts";
 
 /** What the firewall needs to know about one bridge network. */
@@ -17,19 +18,8 @@ export interface BridgeNetworkRules {
   subnets: string[];
   /** `com.docker.network.bridge.enable_ip_masquerade`. */
   masquerade: boolean;
-  /** `com.docker.network.bridge.enable_icc`. */
-  icc: boolean;
   /** `--internal`: no traffic in or out of the bridge. */
   internal: boolean;
-}
-
-/** What the running kernel can do, as far as the ruleset cares. */
-export interface RulesetOptions {
-  /**
-   * The kernel has `meta ibrname` in the bridge family (CONFIG_NFT_BRIDGE_META). Without
-   * it, icc=false is enforced by matching source and destination address in the subnet.
-   */
-  bridgeMeta: boolean;
 }
 
 /** A network after validation: canonical subnets split by family. */
@@ -39,33 +29,13 @@ export interface CheckedNetwork {
   readonly v4: readonly string[];
   readonly v6: readonly string[];
   readonly masquerade: boolean;
-  readonly icc: boolean;
   readonly internal: boolean;
 }
 
-/** Name of knit's tables (one per family: `inet`, `bridge`). */
+/** Name of knit's table (`table inet knit`). */
 export const TABLE = "knit";
 /** The named set of every knit bridge, in `table inet knit`. */
 export const BRIDGE_SET = "bridges";
-
-/**
- * Check an interface name by the kernel's rules (1-15 bytes, not "." or "..", no '/', ':'
- * or whitespace) plus what would change its meaning in nft or iptables: quotes, backslash,
- * control characters, and the wildcards '*' (nft) and '+' (iptables).
- */
-export function checkIfname(name: string, what = "bridge name"): string {
-  const bytes = new TextEncoder().encode(name).length;
-  if (bytes < 1 || bytes > 15) throw invalid(`invalid ${what} "${name}": must be 1 to 15 bytes long`);
-  if (name === "." || name === "..") throw invalid(`invalid ${what} "${name}"`);
-  const bad = /[\s/:"'\\*+\x00-\x1f\x7f]/.exec(name);
-  if (bad) {
-    throw invalid(
-      `invalid ${what} "${name}": contains ${JSON.stringify(bad[0])}`,
-      "use letters, digits, '-', '_' and '.'",
-    );
-  }
-  return name;
-}
 
 /** Network ids only appear in rule comments; they must be plain tokens. */
 function checkNetworkId(id: string): string {
@@ -87,7 +57,6 @@ export function checkNetworks(nets: readonly BridgeNetworkRules[]): CheckedNetwo
       v4: cidrs.filter((c) => c.family === 4).map(formatCidr),
       v6: cidrs.filter((c) => c.family === 6).map(formatCidr),
       masquerade: n.masquerade,
-      icc: n.icc,
       internal: n.internal,
     };
   });
@@ -129,19 +98,6 @@ export function masqueradeRules(n: CheckedNetwork): string[] {
   ];
 }
 
-/**
- * icc=false: frames bridged between two ports of the bridge are dropped. Frames to the
- * gateway are delivered to the bridge itself (input hook), so they never reach this chain.
- */
-export function iccRules(n: CheckedNetwork, opts: RulesetOptions): string[] {
-  if (n.icc) return [];
-  if (opts.bridgeMeta) return [`meta ibrname ${q(n.bridge)} drop ${comment(n)}`];
-  return [
-    ...n.v4.map((s) => `ip saddr ${s} ip daddr ${s} drop ${comment(n)}`),
-    ...n.v6.map((s) => `ip6 saddr ${s} ip6 daddr ${s} drop ${comment(n)}`),
-  ];
-}
-
 /** A base chain with its hook line and rules, indented for a table body. */
 export function chain(name: string, hook: string, rules: readonly string[]): string[] {
   return [`\tchain ${name} {`, `\t\t${hook}`, ...rules.map((r) => `\t\t${r}`), "\t}"];
@@ -172,18 +128,7 @@ export function inetTable(nets: readonly CheckedNetwork[]): string[] {
   ];
 }
 
-/** `table bridge knit { ... }` for icc=false networks, or nothing when there are none. */
-export function bridgeTable(nets: readonly CheckedNetwork[], opts: RulesetOptions): string[] {
-  const rules = nets.flatMap((n) => iccRules(n, opts));
-  if (rules.length === 0) return [];
-  return [
-    `table bridge ${TABLE} {`,
-    ...chain("forward", "type filter hook forward priority 0; policy accept;", rules),
-    "}",
-  ];
-}
-
 /** Lines that delete a table if it exists (declare, then delete: never fails). */
-export function deleteTable(family: "inet" | "bridge"): string[] {
-  return [`table ${family} ${TABLE}`, `delete table ${family} ${TABLE}`];
+export function deleteTable(): string[] {
+  return [`table inet ${TABLE}`, `delete table inet ${TABLE}`];
 }
