@@ -1,0 +1,75 @@
+/**
+ * `knit demo`: knit's main job, shown in a private lab. Re-runs itself under
+ * scripts/lab-run (a private network + mount namespace) unless already inside one, builds a
+ * host on a LAN behind a router with an "internet", and drives the real `knit` CLI on it:
+ * two bridge networks, sandboxes on each, traffic inside a network, isolation across
+ * networks, masquerade to the internet. Every claim is checked; the exit code says whether
+ * all held.
+ */
+import { join } from "node:path";
+import { INTERNET, KNIT_BIN, Lab, REPO_ROOT, type LabHost } from "../lab/lab.ts";
+
+const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+
+/** Run a knit command on the lab host, echoing it and its output. */
+async function knit(host: LabHost, args: string[], quiet = false): Promise<string> {
+  process.stdout.write(`\n${bold(`$ knit ${args.join(" ")}`)}\n`);
+  const r = await host.knitOk(args);
+  if (!quiet) process.stdout.write(r.stdout);
+  return r.stdout.trim();
+}
+
+export async function demoMain(args: readonly string[]): Promise<number> {
+  if (process.env.KNIT_LAB !== "1") {
+    const proc = Bun.spawn([join(REPO_ROOT, "scripts", "lab-run"), KNIT_BIN, "demo", ...args], { stdio: ["inherit", "inherit", "inherit"] });
+    return proc.exited;
+  }
+  const lab = await Lab.create("demo");
+  let failures = 0;
+  const check = async (what: string, expected: boolean, probe: () => Promise<boolean>): Promise<void> => {
+    const got = await probe();
+    const ok = got === expected;
+    if (!ok) failures++;
+    process.stdout.write(`${ok ? "✔" : "✘"} ${what}: ${got ? "reachable" : "unreachable"}${ok ? "" : ` (expected ${expected ? "reachable" : "unreachable"})`}\n`);
+  };
+  try {
+    process.stdout.write(bold("knit demo: a host on a LAN, behind a router to a lab \"internet\"; all in private namespaces\n"));
+    const lan = await lab.lan("lan");
+    const host = await lab.host("host");
+    await lab.plug(host, lan, { ifname: "eth0", addresses: ["10.0.0.2/24"] });
+    await lab.router("rtr", [{ lan, addresses: ["10.0.0.1/24"] }], { internet: true });
+
+    await knit(host, ["network", "create", "--subnet", "10.10.1.0/24", "front"]);
+    await knit(host, ["network", "create", "--subnet", "10.10.2.0/24", "--opt", "com.docker.network.bridge.name=br-back", "back"]);
+    for (const [name, net] of [["web", "front"], ["api", "front"], ["db", "back"]] as const) {
+      await knit(host, ["run", "-d", "--name", name, "--network", net, "--", "sleep", "3600"], true);
+    }
+    await knit(host, ["ps"]);
+    const ipOf = async (name: string): Promise<string> =>
+      (await host.knitOk(["inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])).stdout.trim();
+    const [api, db] = [await ipOf("api"), await ipOf("db")];
+    const ping = (from: string, to: string) => async () => (await host.knit(["exec", from, "--", "ping", "-c1", "-W1", to])).code === 0;
+
+    process.stdout.write(`\n${bold("Traffic (real pings from inside the sandboxes):")}\n`);
+    await check(`web -> api ${api} (same network "front")`, true, ping("web", api));
+    await check(`web -> db ${db} (network "back": isolated)`, false, ping("web", db));
+    await check(`web -> internet ${INTERNET.server4} (masquerade through the host)`, true, ping("web", INTERNET.server4));
+    await check(`db -> internet ${INTERNET.server4}`, true, ping("db", INTERNET.server4));
+
+    await knit(host, ["network", "ls"]);
+    await knit(host, ["network", "inspect", "front"]);
+
+    process.stdout.write(`\n${bold("Cleaning up:")}\n`);
+    await knit(host, ["rm", "-f", "web", "api", "db"]);
+    await knit(host, ["network", "rm", "front", "back"]);
+    const links = (await host.exec(["ip", "-j", "link"])).stdout;
+    const leftovers = (JSON.parse(links) as { ifname: string }[]).map((l) => l.ifname).filter((n) => n !== "lo" && !host.labLinks.has(n));
+    const clean = leftovers.length === 0;
+    if (!clean) failures++;
+    process.stdout.write(`${clean ? "✔" : "✘"} nothing left on the host after rm${clean ? "" : `: ${leftovers.join(", ")}`}\n`);
+  } finally {
+    await lab.cleanup();
+  }
+  process.stdout.write(failures === 0 ? `\n${bold("demo: every check held")}\n` : `\n${bold(`demo: ${failures} check(s) failed`)}\n`);
+  return failures === 0 ? 0 : 1;
+}
