@@ -5,6 +5,7 @@
  */
 import { KnitError, asKnitError, invalid } from "../errors.ts";
 import { renderHelp, type CommandSpec } from "./args.ts";
+import { writeErr, writeOut } from "./output.ts";
 import type { CommandContext } from "./context.ts";
 import { networkMain } from "./network.ts";
 import { execMain, inspectMain, psMain, rmMain, runMain } from "./sandbox.ts";
@@ -55,9 +56,9 @@ function parseGlobals(argv: readonly string[]): Globals {
 
 function printError(err: unknown): void {
   const e = asKnitError(err);
-  process.stderr.write(`Error: ${e.message}\n`);
-  if (e.hint) process.stderr.write(`${e.hint}\n`);
-  if (process.env.KNIT_DEBUG && e.cause instanceof Error) process.stderr.write(`cause: ${e.cause.stack ?? e.cause.message}\n`);
+  writeErr(`Error: ${e.message}\n`);
+  if (e.hint) writeErr(`${e.hint}\n`);
+  if (process.env.KNIT_DEBUG && e.cause instanceof Error) writeErr(`cause: ${e.cause.stack ?? e.cause.message}\n`);
 }
 
 /** Run the CLI; returns the process exit code. */
@@ -76,10 +77,10 @@ export async function main(argv: readonly string[]): Promise<number> {
         }
         return engine;
       },
-      out: (text) => void process.stdout.write(text),
+      out: writeOut,
       error: printError,
       help(spec) {
-        process.stdout.write(renderHelp(spec));
+        writeOut(renderHelp(spec));
         return 0;
       },
     };

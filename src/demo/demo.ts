@@ -7,15 +7,16 @@
  * all held.
  */
 import { join } from "node:path";
+import { stdoutIsTty, writeOut } from "../cli/output.ts";
 import { INTERNET, KNIT_BIN, Lab, REPO_ROOT, type LabHost } from "../lab/lab.ts";
 
-const bold = (s: string): string => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+const bold = (s: string): string => (stdoutIsTty() ? `\x1b[1m${s}\x1b[0m` : s);
 
 /** Run a knit command on the lab host, echoing it and its output. */
 async function knit(host: LabHost, args: string[], quiet = false): Promise<string> {
-  process.stdout.write(`\n${bold(`$ knit ${args.join(" ")}`)}\n`);
+  writeOut(`\n${bold(`$ knit ${args.join(" ")}`)}\n`);
   const r = await host.knitOk(args);
-  if (!quiet) process.stdout.write(r.stdout);
+  if (!quiet) writeOut(r.stdout);
   return r.stdout.trim();
 }
 
@@ -30,10 +31,10 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     const got = await probe();
     const ok = got === expected;
     if (!ok) failures++;
-    process.stdout.write(`${ok ? "✔" : "✘"} ${what}: ${got ? "reachable" : "unreachable"}${ok ? "" : ` (expected ${expected ? "reachable" : "unreachable"})`}\n`);
+    writeOut(`${ok ? "✔" : "✘"} ${what}: ${got ? "reachable" : "unreachable"}${ok ? "" : ` (expected ${expected ? "reachable" : "unreachable"})`}\n`);
   };
   try {
-    process.stdout.write(bold("knit demo: a host on a LAN, behind a router to a lab \"internet\"; all in private namespaces\n"));
+    writeOut(bold("knit demo: a host on a LAN, behind a router to a lab \"internet\"; all in private namespaces\n"));
     const lan = await lab.lan("lan");
     const host = await lab.host("host");
     await lab.plug(host, lan, { ifname: "eth0", addresses: ["10.0.0.2/24"] });
@@ -50,7 +51,7 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     const [api, db] = [await ipOf("api"), await ipOf("db")];
     const ping = (from: string, to: string) => async () => (await host.knit(["exec", from, "--", "ping", "-c1", "-W1", to])).code === 0;
 
-    process.stdout.write(`\n${bold("Traffic (real pings from inside the sandboxes):")}\n`);
+    writeOut(`\n${bold("Traffic (real pings from inside the sandboxes):")}\n`);
     await check(`web -> api ${api} (same network "front")`, true, ping("web", api));
     await check(`web -> db ${db} (network "back": isolated)`, false, ping("web", db));
     await check(`web -> internet ${INTERNET.server4} (masquerade through the host)`, true, ping("web", INTERNET.server4));
@@ -59,17 +60,17 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     await knit(host, ["network", "ls"]);
     await knit(host, ["network", "inspect", "front"]);
 
-    process.stdout.write(`\n${bold("Cleaning up:")}\n`);
+    writeOut(`\n${bold("Cleaning up:")}\n`);
     await knit(host, ["rm", "-f", "web", "api", "db"]);
     await knit(host, ["network", "rm", "front", "back"]);
     const links = (await host.exec(["ip", "-j", "link"])).stdout;
     const leftovers = (JSON.parse(links) as { ifname: string }[]).map((l) => l.ifname).filter((n) => n !== "lo" && !host.labLinks.has(n));
     const clean = leftovers.length === 0;
     if (!clean) failures++;
-    process.stdout.write(`${clean ? "✔" : "✘"} nothing left on the host after rm${clean ? "" : `: ${leftovers.join(", ")}`}\n`);
+    writeOut(`${clean ? "✔" : "✘"} nothing left on the host after rm${clean ? "" : `: ${leftovers.join(", ")}`}\n`);
   } finally {
     await lab.cleanup();
   }
-  process.stdout.write(failures === 0 ? `\n${bold("demo: every check held")}\n` : `\n${bold(`demo: ${failures} check(s) failed`)}\n`);
+  writeOut(failures === 0 ? `\n${bold("demo: every check held")}\n` : `\n${bold(`demo: ${failures} check(s) failed`)}\n`);
   return failures === 0 ? 0 : 1;
 }

@@ -7,9 +7,9 @@
  */
 import { invalid, conflict } from "../errors.ts";
 import { batchToken, getLink, ip, ipBatch } from "../kernel/ip.ts";
-import { netnsName, type Netns } from "../kernel/exec.ts";
+import { netnsName } from "../kernel/exec.ts";
 import { cidrContains, formatIp, parseIp, parseIpWithPrefix } from "../net/ip.ts";
-import type { Network, Endpoint } from "../model.ts";
+import type { Network } from "../model.ts";
 import type { BridgeNetworkRules } from "../firewall/firewall.ts";
 import { checkIfname, checkOptionKeys, parseBoolOption, parseIntOption, type NetworkDriver, type PrepareContext, type DriverState } from "./driver.ts";
 import type { Pool } from "../ipam/ipam.ts";

@@ -8,7 +8,6 @@
  * transaction marks the endpoint ready. If the process dies in between, the pending marker
  * names a dead owner and the next command on that network (or `knit gc`) undoes the rest.
  */
-import { randomBytes } from "node:crypto";
 import { KnitError, conflict, invalid, runAll } from "../errors.ts";
 import { absent, getJson, listJson, putJson, type Compare, type Op } from "../store/store.ts";
 import { keys, type Endpoint, type Membership, type Network, type Owner, type Sandbox } from "../model.ts";
@@ -33,7 +32,7 @@ export interface ConnectOptions {
 
 /** Docker-style MAC: 02:42 followed by the IPv4 address, else random locally administered. */
 function macFor(ipv4: Ip | undefined): string {
-  const tail = ipv4 ? [24n, 16n, 8n, 0n].map((s) => Number((ipv4.value >> s) & 255n)) : [...randomBytes(4)];
+  const tail = ipv4 ? [24n, 16n, 8n, 0n].map((s) => Number((ipv4.value >> s) & 255n)) : [...crypto.getRandomValues(new Uint8Array(4))];
   return ["02", "42", ...tail.map((b) => b.toString(16).padStart(2, "0"))].join(":");
 }
 

@@ -3,7 +3,6 @@
  * plugin) translate their protocol into these calls. The engine holds the store and the
  * host's paths; operations live in networks.ts, endpoints.ts, sandboxes.ts, reconcile.ts.
  */
-import { randomBytes } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { KnitError, notFound, invalid } from "../errors.ts";
@@ -20,7 +19,12 @@ export interface Engine {
 export const DEFAULT_STATE_DIR = "/var/lib/knit";
 
 /** A new 64-hex identifier, as Docker's. */
-export const newId = (): string => randomBytes(32).toString("hex");
+export const newId = (): string => randomHex(32);
+
+/** `n` random bytes as hex. Web Crypto, not node:crypto: that import alone costs ~8 ms per CLI start. */
+export function randomHex(n: number): string {
+  return Array.from(crypto.getRandomValues(new Uint8Array(n)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 /** Names of networks and sandboxes: what Docker and CNI accept. */
 const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]*$/;

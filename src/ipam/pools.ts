@@ -4,7 +4,6 @@
  * 192.168.0.0/16 split into /20s. The first candidate that overlaps no existing network and
  * no route on the host wins. IPv6 networks without a subnet get a random ULA /64.
  */
-import { randomBytes } from "node:crypto";
 import { KnitError } from "../errors.ts";
 import { cidrOverlaps, parseCidr, splitCidr, type Cidr } from "../net/ip.ts";
 
@@ -36,7 +35,7 @@ export function pickV4Pool(taken: readonly Cidr[]): Cidr {
 /** A random unique-local IPv6 /64 (fdXX:XXXX:XXXX:XXXX::/64) that overlaps nothing in `taken`. */
 export function pickV6Pool(taken: readonly Cidr[]): Cidr {
   for (let i = 0; i < 16; i++) {
-    const bytes = randomBytes(7);
+    const bytes = crypto.getRandomValues(new Uint8Array(7));
     let base = 0xfdn;
     for (const b of bytes) base = (base << 8n) | BigInt(b);
     const c: Cidr = { family: 6, base: base << 64n, prefix: 64 };

@@ -16,7 +16,6 @@
  * deleting a missing key changes nothing, and a watch from revision <= 0 starts "now".
  */
 import { Database, SQLiteError } from "bun:sqlite";
-import { randomBytes } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { KnitError, invalid, notFound } from "../errors.ts";
@@ -143,7 +142,7 @@ export class SqliteStore implements Store {
     if (!Number.isInteger(ttlSeconds) || ttlSeconds < 1) {
       throw invalid(`lease TTL must be a whole number of seconds >= 1, got ${ttlSeconds}`);
     }
-    const id = randomBytes(8).toString("hex");
+    const id = Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
     const expiresAt = Date.now() + ttlSeconds * 1000;
     await this.write(() => this.db.query("INSERT INTO leases (id, ttl, expires_at_ms) VALUES (?, ?, ?)").run(id, ttlSeconds, expiresAt));
     return id;
