@@ -8,7 +8,8 @@
 import { invalid, conflict } from "../errors.ts";
 import { batchToken, getLink, ip, ipBatch } from "../kernel/ip.ts";
 import { netnsName } from "../kernel/exec.ts";
-import { cidrContains, formatIp, parseIp, parseIpWithPrefix } from "../net/ip.ts";
+import { formatIp, parseIp } from "../net/ip.ts";
+import { configureSandboxIface } from "./sandbox-iface.ts";
 import type { Network } from "../model.ts";
 import type { BridgeNetworkRules } from "../firewall/firewall.ts";
 import { checkIfname, checkOptionKeys, parseBoolOption, parseIntOption, type NetworkDriver, type PrepareContext, type DriverState } from "./driver.ts";
@@ -90,6 +91,8 @@ export const bridgeDriver: NetworkDriver = {
   scope: "local",
   optionKeys: Object.values(BridgeOptions),
   userNetworks: true,
+  addressed: true,
+  hostIfname: hostVethName,
   prepare,
 
   async precheck(net) {
@@ -125,7 +128,7 @@ export const bridgeDriver: NetworkDriver = {
 
   async attach({ network, pools, endpoint, netns }) {
     const st = bridgeState(network);
-    const host = endpoint.hostIfname ?? hostVethName(endpoint.id);
+    const host = hostVethName(endpoint.id);
     const target = netnsName(netns) ?? netns.path;
     // Create the pair with the container end already in its namespace under its final name:
     // no rename, and "File exists" if the sandbox already has that interface.
@@ -135,24 +138,11 @@ export const bridgeDriver: NetworkDriver = {
       // icc=false: isolated ports cannot reach each other, only the bridge (the gateway).
       ...(st.icc ? [] : [`link set dev ${host} type bridge_slave isolated on`]),
     ]);
-    const dev = batchToken(endpoint.ifname);
-    const inside = [`link set dev ${dev} address ${endpoint.mac}`];
-    if (endpoint.ipv4) inside.push(`addr add ${endpoint.ipv4} dev ${dev}`);
-    if (endpoint.ipv6) inside.push(`addr add ${endpoint.ipv6} dev ${dev} nodad`);
-    inside.push(`link set dev ${dev} up`);
-    if (!network.internal) {
-      for (const p of pools) {
-        if (!p.gateway) continue;
-        const has = p.subnet.family === 4 ? endpoint.ipv4 : endpoint.ipv6;
-        if (!has || !sameSubnet(has, p)) continue;
-        inside.push(`route replace default via ${formatIp(p.gateway)} dev ${dev}`);
-      }
-    }
-    await ipBatch(inside, netns);
+    await configureSandboxIface(network, pools, endpoint, netns);
   },
 
   async detach(_network, endpoint) {
-    const host = endpoint.hostIfname ?? hostVethName(endpoint.id);
+    const host = hostVethName(endpoint.id);
     // Deleting the host end removes the pair; a gone namespace took its end with it.
     const link = await getLink(host);
     if (link) await ip(["link", "del", "dev", host]);
@@ -169,7 +159,3 @@ export const bridgeDriver: NetworkDriver = {
     };
   },
 };
-
-function sameSubnet(addrWithPrefix: string, pool: Pool): boolean {
-  return cidrContains(pool.subnet, parseIpWithPrefix(addrWithPrefix).ip);
-}

@@ -42,6 +42,13 @@ export interface NetworkDriver {
    * Also whether a user may create more networks of this driver.
    */
   readonly userNetworks: boolean;
+  /**
+   * Endpoints get addresses and MACs from IPAM and networks have subnets (bridge, macvlan,
+   * overlay); otherwise endpoints are records only (host, none).
+   */
+  readonly addressed: boolean;
+  /** Name of the endpoint's device on the host side, if the driver makes one. */
+  hostIfname(endpointId: string): string | undefined;
   /** Validate options and derive the driver's state. Throws KnitError("invalid-argument"). */
   prepare(ctx: PrepareContext): DriverState;
   /** Checks against the kernel before anything is recorded (names in use ...). */
@@ -91,6 +98,8 @@ export function recordOnlyDriver(name: "host" | "null"): NetworkDriver {
     scope: "local",
     optionKeys: [],
     userNetworks: false,
+    addressed: false,
+    hostIfname: () => undefined,
     prepare(ctx) {
       checkOptionKeys(name, [], ctx.options);
       return {};

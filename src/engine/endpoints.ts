@@ -12,7 +12,6 @@ import { KnitError, conflict, invalid, runAll } from "../errors.ts";
 import { absent, getJson, listJson, putJson, type Compare, type Op } from "../store/store.ts";
 import { keys, type Endpoint, type Membership, type Network, type Owner, type Sandbox } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
-import { bridgeState, hostVethName } from "../drivers/bridge.ts";
 import { candidates, checkStaticAddress, toPool, type Pool } from "../ipam/ipam.ts";
 import { formatIp, parseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "../kernel/exec.ts";
@@ -104,10 +103,10 @@ export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox
 
   const pools = net.subnets.map(toPool);
   const owner = currentOwner();
-  const prefix = net.driver === "bridge" ? bridgeState(net).ifacePrefix : "eth";
+  const prefix = typeof net.driverState.ifacePrefix === "string" ? net.driverState.ifacePrefix : "eth";
   const src4 = await addressSource(engine, net, pools, 4, opts.ip, "--ip");
   const src6 = net.enableIPv6 ? await addressSource(engine, net, pools, 6, opts.ip6, "--ip6") : undefined;
-  const recordOnly = net.driver !== "bridge";
+  const recordOnly = !driver.addressed;
   let c4 = recordOnly ? undefined : nextClaim(src4, net);
   let c6 = recordOnly ? undefined : nextClaim(src6, net);
   const avoid = new Set<string>();
@@ -124,13 +123,14 @@ export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox
       state: "creating",
       owner,
       ifname,
-      hostIfname: hostVethName(id),
       mac: opts.mac ?? macFor(c4?.ip),
       aliases: [...(opts.aliases ?? [])],
       created: new Date().toISOString(),
     };
     if (c4) ep.ipv4 = `${formatIp(c4.ip)}/${c4.pool.subnet.prefix}`;
     if (c6) ep.ipv6 = `${formatIp(c6.ip)}/${c6.pool.subnet.prefix}`;
+    const hostIfname = driver.hostIfname(id);
+    if (hostIfname) ep.hostIfname = hostIfname;
     const member: Membership = { endpointId: id, networkId: net.id, ifname };
     // The network must not change (be marked for removal) while we claim.
     const compares: Compare[] = [

@@ -5,7 +5,7 @@
  * Pure: no store, no kernel (overlap with other networks and routes is checked by the caller).
  */
 import { invalid } from "../errors.ts";
-import { cidrContains, cidrCovers, cidrOverlaps, formatCidr, formatIp, parseCidr, parseIp, type Cidr } from "../net/ip.ts";
+import { cidrContains, cidrCovers, cidrLast, cidrOverlaps, formatCidr, formatIp, parseCidr, parseIp, type Cidr } from "../net/ip.ts";
 import type { SubnetConfig } from "../model.ts";
 
 export interface IpamRequest {
@@ -53,6 +53,7 @@ export function buildSubnetConfigs(req: IpamRequest): SubnetConfig[] {
     const d = ownerOf(drafts, (c) => cidrContains(c, ip), "gateway", g);
     if (d.config.gateway) throw invalid(`cannot configure multiple gateways (${d.config.gateway}, ${g}) for the same subnet (${d.config.subnet})`);
     if (ip.value === d.cidr.base) throw invalid(`invalid gateway ${g}: it is the network address of ${d.config.subnet}`);
+    if (ip.family === 4 && ip.value === cidrLast(d.cidr)) throw invalid(`invalid gateway ${g}: it is the broadcast address of ${d.config.subnet}`);
     d.config.gateway = formatIp(ip);
   }
   for (const r of req.ipRanges) {

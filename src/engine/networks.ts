@@ -83,7 +83,7 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
     ipv6,
   });
   const subnets = [...explicit];
-  if (driver.name === "bridge") {
+  if (driver.addressed) {
     const taken = await takenSubnets(engine);
     for (const s of explicit) {
       const c = parseCidr(s.subnet);

@@ -7,6 +7,7 @@ import { keys, type Endpoint, type Network, type Sandbox } from "../model.ts";
 import { listEndpoints, listMemberships } from "./endpoints.ts";
 import { sandboxStatus } from "./sandboxes.ts";
 import type { Engine } from "./engine.ts";
+import { drivers } from "../drivers/registry.ts";
 
 /** Docker's `network inspect` object. */
 export interface NetworkView {
@@ -36,7 +37,7 @@ export async function networkView(engine: Engine, net: Network): Promise<Network
     containers[ep.sandboxId] = {
       Name: sb?.name ?? ep.sandboxId.slice(0, 12),
       EndpointID: ep.id,
-      MacAddress: net.driver === "bridge" ? ep.mac : "",
+      MacAddress: drivers[net.driver].addressed ? ep.mac : "",
       IPv4Address: ep.ipv4 ?? "",
       IPv6Address: ep.ipv6 ?? "",
     };
@@ -47,7 +48,7 @@ export async function networkView(engine: Engine, net: Network): Promise<Network
     Created: net.created,
     Scope: net.scope,
     Driver: net.driver,
-    EnableIPv4: net.driver === "bridge",
+    EnableIPv4: drivers[net.driver].addressed,
     EnableIPv6: net.enableIPv6,
     IPAM: {
       Driver: "default",
@@ -86,7 +87,7 @@ function endpointSettings(net: Network, ep: Endpoint) {
     IPv6Gateway: ep.ipv6 ? gw(6) : "",
     GlobalIPv6Address: ip6 ?? "",
     GlobalIPv6PrefixLen: Number(len6 || 0),
-    MacAddress: net.driver === "bridge" ? ep.mac : "",
+    MacAddress: drivers[net.driver].addressed ? ep.mac : "",
     InterfaceName: ep.ifname,
   };
 }
