@@ -18,10 +18,15 @@ export function sandboxIfaceLines(network: Network, pools: readonly Pool[], endp
   if (endpoint.ipv6) lines.push(`addr add ${endpoint.ipv6} dev ${dev} nodad`);
   lines.push(`link set dev ${dev} up`);
   if (network.internal) return lines;
+  // One default route per interface, its metric the interface's number (eth0: 0, eth1: 1):
+  // joining a second network keeps the first one's gateway, as in Docker, and leaving a
+  // network falls back to the next interface's route by itself. Only a route with exactly
+  // this metric can be replaced, so another interface's default route is never touched.
+  const metric = Number(/(\d+)$/.exec(endpoint.ifname)?.[1] ?? 0) % 10000;
   for (const p of pools) {
     const addr = p.subnet.family === 4 ? endpoint.ipv4 : endpoint.ipv6;
     if (!p.gateway || !addr || !cidrContains(p.subnet, parseIpWithPrefix(addr).ip)) continue;
-    lines.push(`route replace default via ${formatIp(p.gateway)} dev ${dev}`);
+    lines.push(`route replace default via ${formatIp(p.gateway)} dev ${dev} metric ${metric}`);
   }
   return lines;
 }

@@ -13,13 +13,16 @@ import { hostname as hostHostname } from "node:os";
 import { join } from "node:path";
 import { conflict, invalid, runAll } from "../errors.ts";
 import { absent, getJson, listJson, putJson } from "../store/store.ts";
-import { keys, type Endpoint, type Network, type Owner, type Sandbox } from "../model.ts";
+import { keys, type Endpoint, type Network, type Owner, type PortMapping, type Sandbox } from "../model.ts";
 import { createNetns, deleteNetns } from "../kernel/ip.ts";
 import { NETNS_DIR } from "../kernel/exec.ts";
-import { checkName, getNetwork, getSandbox, newId, sandboxDir, type Engine } from "./engine.ts";
+import { checkName, getNetwork, getSandbox, newId, retryTxn, sandboxDir, type Engine } from "./engine.ts";
 import { connectSandbox, disconnectSandbox, listMemberships } from "./endpoints.ts";
 import { currentOwner, ownerAlive, processAlive, processStartTime } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
+import { syncFirewall } from "./networks.ts";
+import { planClaims, releaseClaims, type ResolvedRequest } from "../ports/claims.ts";
+import { flushUdpFlows, resolvePortRequests } from "../ports/publish.ts";
 
 export interface RunRequest {
   name?: string;
@@ -31,6 +34,8 @@ export interface RunRequest {
   aliases?: readonly string[];
   detach?: boolean;
   autoRemove?: boolean;
+  /** `-p` values: ports to publish from the host to the sandbox's first network. */
+  publish?: readonly string[];
   command: readonly string[];
 }
 
@@ -97,15 +102,45 @@ async function validateRun(engine: Engine, req: RunRequest): Promise<Network[]> 
 }
 
 /** Start the command inside the sandbox's namespaces. */
-function spawnSandbox(engine: Engine, sb: Sandbox, files: { hosts: string; resolv: string }, detach: boolean) {
+/**
+ * A detached `--rm` sandbox needs someone to remove it when its command exits: a `sh` in the
+ * host's namespaces waits for the command, then runs `knit rm` (argv only, no interpolation).
+ */
+const REMOVER = '"$@"; exec "$KNIT_SELF" --state-dir "$KNIT_SB_STATE" rm -f "$KNIT_SB_ID" >/dev/null 2>&1';
+
+/** The PID of a process's first child (the command under the --rm waiter), waiting briefly. */
+async function firstChild(pid: number): Promise<number | undefined> {
+  for (let i = 0; i < 200; i++) {
+    try {
+      const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim();
+      if (kids) return Number(kids.split(" ")[0]);
+    } catch {
+      return undefined;
+    }
+    await Bun.sleep(2);
+  }
+  return undefined;
+}
+
+/** Start the command inside the sandbox's namespaces; returns the process and the command's PID. */
+async function spawnSandbox(engine: Engine, sb: Sandbox, files: { hosts: string; resolv: string }, detach: boolean) {
   const inner = ["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", INIT, "knit-init", sb.hostname, files.hosts, files.resolv, ...sb.command];
   const argv = sb.netnsPath === "host" ? inner : ["nsenter", `--net=${sb.netnsPath}`, "--", ...inner];
-  if (!detach) return Bun.spawn(argv, { stdin: "inherit", stdout: "inherit", stderr: "inherit" });
+  if (!detach) {
+    const proc = Bun.spawn(argv, { stdin: "inherit", stdout: "inherit", stderr: "inherit" });
+    return { proc, pid: proc.pid };
+  }
   const log = openSync(join(sandboxDir(engine, sb.id), "log"), "a");
   try {
-    const proc = Bun.spawn(argv, { stdin: "ignore", stdout: log, stderr: log, detached: true });
+    if (!sb.autoRemove) {
+      const proc = Bun.spawn(argv, { stdin: "ignore", stdout: log, stderr: log, detached: true });
+      proc.unref();
+      return { proc, pid: proc.pid };
+    }
+    const env = { ...process.env, KNIT_SELF: `${process.env.KNIT_ROOT ?? join(import.meta.dir, "..", "..")}/bin/knit`, KNIT_SB_STATE: engine.stateDir, KNIT_SB_ID: sb.id };
+    const proc = Bun.spawn(["sh", "-c", REMOVER, "knit-rm-waiter", ...argv], { stdin: "ignore", stdout: log, stderr: log, detached: true, env });
     proc.unref();
-    return proc;
+    return { proc, pid: (await firstChild(proc.pid)) ?? proc.pid };
   } finally {
     closeSync(log);
   }
@@ -116,7 +151,10 @@ function spawnSandbox(engine: Engine, sb: Sandbox, files: { hosts: string; resol
  * started; else waits and returns the exit code (removing the sandbox with `autoRemove`).
  */
 export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ sandbox: Sandbox; exitCode?: number }> {
+  // A run or rm that crashed must not hold its name or addresses: finish it first.
+  await repairSandboxes(engine).catch(() => undefined);
   const nets = await validateRun(engine, req);
+  const portRequests = resolvePortRequests(req.publish ?? [], nets[0]);
   const id = newId();
   const mode = nets[0]?.driver === "host" ? "host" : nets[0]?.driver === "null" ? "none" : "bridge";
   const owner = currentOwner();
@@ -135,12 +173,7 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
     labels: {},
   };
   if (mode !== "host") sb.netnsName = `knit-${id.slice(0, 12)}`;
-  const claimed = await engine.store.txn([absent(keys.sandboxName(sb.name))], [
-    putJson(keys.sandbox(id), sb),
-    { type: "put", key: keys.sandboxName(sb.name), value: id },
-    putJson(keys.pendingSandbox(id), owner),
-  ]);
-  if (!claimed.succeeded) throw conflict(`the sandbox name "${sb.name}" is already in use`);
+  sb = await recordSandbox(engine, sb, portRequests);
   try {
     faultPoint("run:after-record");
     if (sb.netnsName) await createNetns(sb.netnsName);
@@ -148,14 +181,15 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
     const endpoints: Endpoint[] = [];
     for (const [i, net] of nets.entries()) {
       const first = i === 0;
-      const opts = { ...(first && req.ip ? { ip: req.ip } : {}), ...(first && req.ip6 ? { ip6: req.ip6 } : {}), ...(first && req.aliases ? { aliases: req.aliases } : {}) };
+      const opts = { atCreate: true, ...(first && req.ip ? { ip: req.ip } : {}), ...(first && req.ip6 ? { ip6: req.ip6 } : {}), ...(first && req.aliases ? { aliases: req.aliases } : {}) };
       endpoints.push(await connectSandbox(engine, net.id, sb, opts));
     }
     faultPoint("run:after-connect");
+    await refreshPortRules(engine, sb.ports ?? []);
     const files = writeSandboxFiles(engine, sb, endpoints);
-    const proc = spawnSandbox(engine, sb, files, req.detach ?? false);
-    sb = { ...sb, state: "ready", pid: proc.pid };
-    const start = processStartTime(proc.pid);
+    const { proc, pid } = await spawnSandbox(engine, sb, files, req.detach ?? false);
+    sb = { ...sb, state: "ready", pid };
+    const start = processStartTime(pid);
     if (start !== undefined) sb.pidStartTime = start;
     delete sb.owner;
     await engine.store.txn([], [putJson(keys.sandbox(id), sb), { type: "delete", key: keys.pendingSandbox(id) }]);
@@ -167,6 +201,35 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
     await teardownSandbox(engine, { ...sb, state: "deleting" }).catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * Record a new sandbox with its name, pending marker and host port claims in one
+ * transaction. When a claim lost a race the ports are planned again; a taken name is final.
+ */
+async function recordSandbox(engine: Engine, sb: Sandbox, ports: readonly ResolvedRequest[]): Promise<Sandbox> {
+  return retryTxn("knit run", async () => {
+    const plan = await planClaims(engine, sb.id, ports);
+    const record: Sandbox = plan.mappings.length ? { ...sb, ports: plan.mappings } : sb;
+    const res = await engine.store.txn(
+      [absent(keys.sandboxName(sb.name)), ...plan.compares],
+      [putJson(keys.sandbox(sb.id), record), { type: "put", key: keys.sandboxName(sb.name), value: sb.id }, putJson(keys.pendingSandbox(sb.id), sb.owner), ...plan.ops],
+    );
+    if (res.succeeded) return record;
+    if (await engine.store.get(keys.sandboxName(sb.name))) throw conflict(`the sandbox name "${sb.name}" is already in use`);
+    return undefined;
+  });
+}
+
+/**
+ * After ports were published or released in the store: rebuild the firewall from it (the
+ * bump of meta/ports makes a concurrent rebuild run again) and flush the UDP flows.
+ */
+async function refreshPortRules(engine: Engine, mappings: readonly PortMapping[]): Promise<void> {
+  if (mappings.length === 0) return;
+  await engine.store.put(keys.portsMeta(), "sync");
+  await syncFirewall(engine);
+  await flushUdpFlows(mappings);
 }
 
 /** Kill a sandbox's command (by its recorded PID and start time) and wait for it to go. */
@@ -189,8 +252,8 @@ export async function removeSandbox(engine: Engine, ref: string, force: boolean)
   }
   const marked: Sandbox = { ...sb, state: "deleting", owner: currentOwner() };
   await engine.store.txn([], [putJson(keys.sandbox(sb.id), marked), putJson(keys.pendingSandbox(sb.id), marked.owner)]);
-  faultPoint("rm:after-mark");
-  await teardownSandbox(engine, marked);
+  // A marked removal is always finished, whatever fails on the way.
+  await runAll(`remove sandbox ${sb.name}`, [async () => faultPoint("rm:after-mark"), () => teardownSandbox(engine, marked)]);
   return sb;
 }
 
@@ -199,6 +262,8 @@ export async function teardownSandbox(engine: Engine, sb: Sandbox): Promise<void
   await stopProcess(sb);
   const members = await listMemberships(engine, sb.id);
   await runAll(`remove sandbox ${sb.name}`, [
+    // Ports go first: no DNAT rule may point at an address after it is given back.
+    async () => refreshPortRules(engine, await releaseClaims(engine, sb.id)),
     ...members.map((m) => () => disconnectSandbox(engine, m.networkId, sb, true)),
     async () => faultPoint("rm:after-disconnect"),
     async () => {
