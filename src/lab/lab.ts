@@ -23,6 +23,25 @@ export const REPO_ROOT = process.env.KNIT_ROOT ?? resolve(import.meta.dir, "..",
 /** The knit command line, as the lab runs it inside a host. */
 export const KNIT_BIN = join(REPO_ROOT, "bin", "knit");
 
+/** The script that gives a command its private lab (network, mount and PID namespaces). */
+export const LAB_RUN = join(REPO_ROOT, "scripts", "lab-run");
+
+/** True inside `scripts/lab-run` (where a {@link Lab} may be created). */
+export function inLab(): boolean {
+  return process.env["KNIT_LAB"] === "1";
+}
+
+/**
+ * Run `argv` inside a fresh private lab (`scripts/lab-run`), with this process's standard
+ * input, output and error; resolves with its exit code. For front ends that need a lab and
+ * may be started outside one (the demo, the benchmarks): `if (!inLab()) process.exit(await
+ * runInLab([...process.argv]))`.
+ */
+export async function runInLab(argv: readonly string[]): Promise<number> {
+  const proc = Bun.spawn([LAB_RUN, ...argv], { stdio: ["inherit", "inherit", "inherit"] });
+  return proc.exited;
+}
+
 /** Where `ip netns` keeps named namespaces (a private tmpfs inside `scripts/lab-run`). */
 export const NETNS_DIR = "/run/netns";
 
@@ -30,12 +49,14 @@ export const NETNS_DIR = "/run/netns";
 export const INTERNET = {
   /** The internet side of the uplink segment that routers attach to. */
   gateway4: "203.0.113.1",
+  /** Its IPv6 address. */
   gateway6: "2001:db8:ffff::1",
   /** Prefix lengths of the uplink segment. */
   prefix4: 24,
   prefix6: 64,
   /** A "server on the internet": addresses on the internet namespace's loopback. */
   server4: "198.51.100.10",
+  /** The server's IPv6 address. */
   server6: "2001:db8:5e::10",
 } as const;
 
@@ -43,7 +64,9 @@ export const INTERNET = {
 export interface ExecResult {
   /** Exit code; 128+N when killed by signal N (for example by a timeout). */
   readonly code: number;
+  /** Standard output, complete. */
   readonly stdout: string;
+  /** Standard error, complete. */
   readonly stderr: string;
 }
 
@@ -232,9 +255,14 @@ export class LabNode implements LabNsLike {
     return this.lab.spawn(this, argv, opts);
   }
 
-  /** Ping an address once from this namespace; see {@link Lab.ping}. */
+  /** Ping an address from this namespace; see {@link Lab.ping}. */
   ping(addr: string, opts: PingOptions = {}): Promise<boolean> {
     return this.lab.ping(this, addr, opts);
+  }
+
+  /** Ping until a reply comes back or `timeoutMs` passes; see {@link Lab.waitPing}. */
+  waitPing(addr: string, timeoutMs = 5000): Promise<boolean> {
+    return this.lab.waitPing(this, addr, timeoutMs);
   }
 }
 
@@ -305,9 +333,13 @@ export class LabInternet extends LabLan {
 
 /** Options for {@link Lab.ping}. */
 export interface PingOptions {
-  /** Number of echo requests (default 1). */
+  /** Replies needed (default 1). */
   count?: number;
-  /** Seconds to wait for each reply (default 1). */
+  /**
+   * Seconds to keep trying (default 1): a request goes out every 0.2 s until `count` replies
+   * came back or the time is up, so one lost first packet (ARP, a port still coming up)
+   * does not fail the check, while a negative check still takes only this long.
+   */
   waitSec?: number;
 }
 
@@ -433,7 +465,7 @@ const liveIds = new Set<string>();
 export class Lab {
   /** Unique short id; every namespace of this lab is named `<id>-<label>`. */
   readonly id: string;
-  /** Temporary directory of this lab (state directories, process logs). */
+  /** Temporary directory of this lab: host state directories are `<dir>/<label>`; the lab's own files start with `_`. */
   readonly dir: string;
   readonly #nodes = new Map<string, LabNode>();
   readonly #procs = new Map<number, LabProcess>();
@@ -457,7 +489,7 @@ export class Lab {
    * @param prefix first letters of the lab id (default `l`); the id gets 4 random hex digits.
    */
   static async create(prefix = "l"): Promise<Lab> {
-    if (process.env["KNIT_LAB"] !== "1" && process.env["KNIT_LAB_UNSAFE"] !== "1") {
+    if (!inLab() && process.env["KNIT_LAB_UNSAFE"] !== "1") {
       throw new LabError("the lab must run inside scripts/lab-run (KNIT_LAB=1 is not set): it would change this machine's network");
     }
     if (process.getuid?.() !== 0) throw new LabError("the lab needs root (network namespaces)");
@@ -702,7 +734,7 @@ export class Lab {
    */
   spawn(node: NetnsRef, argv: readonly string[], opts: SpawnOptions = {}): LabProcess {
     if (this.#closed) throw new LabError(`lab ${this.id} is cleaned up`);
-    const logFile = join(this.dir, `proc-${this.#logs++}.log`);
+    const logFile = join(this.dir, `_proc-${this.#logs++}.log`);
     const fd = openSync(logFile, "a");
     let proc;
     try {
@@ -721,15 +753,19 @@ export class Lab {
     return lp;
   }
 
-  /** Ping `addr` from a node (`ping -c1 -W1`); true when a reply came back. */
+  /** Ping `addr` from a node (`ping -c1 -i0.2 -w1`); true when a reply came back in time. */
   async ping(node: NetnsRef, addr: string, opts: PingOptions = {}): Promise<boolean> {
     const count = String(opts.count ?? 1);
     const wait = String(opts.waitSec ?? 1);
-    const r = await this.exec(node, ["ping", "-n", "-q", "-c", count, "-W", wait, addr], { check: false });
+    const r = await this.exec(node, ["ping", "-n", "-q", "-c", count, "-i", "0.2", "-w", wait, addr], { check: false });
     return r.code === 0;
   }
 
-  /** Ping until a reply comes back or `timeoutMs` passes; returns whether it succeeded. */
+  /**
+   * Ping until a reply comes back or `timeoutMs` passes; returns whether it succeeded. Use it
+   * for positive checks right after building or changing a path: on a loaded machine the
+   * first packets through fresh links can take over a second (seen with 2 CPUs at load 7+).
+   */
   async waitPing(node: NetnsRef, addr: string, timeoutMs = 5000): Promise<boolean> {
     return waitFor(() => this.ping(node, addr), timeoutMs);
   }
@@ -771,7 +807,7 @@ export class Lab {
    * it listens.
    */
   async httpServer(node: NetnsRef, port: number, body: string): Promise<LabProcess> {
-    const root = mkdtempSync(join(this.dir, "www-"));
+    const root = mkdtempSync(join(this.dir, "_www-"));
     await Bun.write(join(root, "index.html"), body);
     const p = this.spawn(node, ["busybox", "httpd", "-f", "-p", String(port), "-h", root]);
     await this.waitListening(node, port);
@@ -805,9 +841,12 @@ export class Lab {
    * PID), kill any process still inside one of its namespaces, delete its namespaces,
    * unmount what is mounted under its directory and remove the directory. Idempotent; keeps
    * going after errors and throws them together at the end.
+   *
+   * @returns the stray processes it had to kill (`PID (command) in NAMESPACE`): processes
+   *   the lab did not start itself that still lived in its namespaces, a leak worth a look.
    */
-  async cleanup(): Promise<void> {
-    if (this.#closed && this.#nodes.size === 0) return;
+  async cleanup(): Promise<string[]> {
+    if (this.#closed && this.#nodes.size === 0) return [];
     this.#closed = true;
     const errors: string[] = [];
     const attempt = async (what: string, fn: () => unknown): Promise<void> => {
@@ -859,6 +898,7 @@ export class Lab {
     });
     liveIds.delete(this.id);
     if (errors.length) throw new LabError(`lab ${this.id} cleanup: ${errors.join("; ")}`);
+    return strays;
   }
 }
 
