@@ -16,9 +16,12 @@
  *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
  *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
  *                                   owner of an operation under way (reconcile reads these)
+ *   ports/<proto>/<hostPort>        PortClaims: which sandbox holds the port on which host IP
+ *   meta/ports                      bumped on every publish/unpublish (firewall rebuilds)
+ *   agents/<hostname>               AgentClaim: the one live `knit agent` of a host
  */
 
-export const DriverNames = ["bridge", "host", "null"] as const;
+export const DriverNames = ["bridge", "host", "null", "macvlan"] as const;
 export type DriverName = (typeof DriverNames)[number];
 
 /** One IPAM pool of a network, as Docker's IPAM.Config entry. */
@@ -118,7 +121,48 @@ export interface Sandbox {
   dir?: string;
   autoRemove: boolean;
   labels: Record<string, string>;
+  /** Published ports (`knit run -p`), claimed under `ports/` in the sandbox's first transaction. */
+  ports?: PortMapping[];
+  /** DNS settings given at run time (absent: the host's). */
+  dns?: DnsSettings;
 }
+
+/** `knit run --dns/--dns-search/--dns-option`: what the sandbox's resolver uses. */
+export interface DnsSettings {
+  /** Upstream servers (addresses): in resolv.conf on the predefined bridge, else behind knit's DNS. */
+  servers: string[];
+  search: string[];
+  options: string[];
+}
+
+/** The agent that holds a host (see src/agent): its process and how it was started. */
+export interface AgentClaim extends Owner {
+  /** "auto": started on demand and stopped when no sandbox needs it; "service": stays. */
+  mode: "auto" | "service";
+}
+
+/** Protocols a port can be published for. */
+export const PortProtocols = ["tcp", "udp"] as const;
+export type PortProtocol = (typeof PortProtocols)[number];
+
+/**
+ * A published port: traffic to hostIp:hostPort (proto) is DNATed to the sandbox's address on
+ * network `networkId`, port `containerPort`.
+ */
+export interface PortMapping {
+  proto: PortProtocol;
+  containerPort: number;
+  /** Canonical host address; "0.0.0.0" or "::" stands for every address of the family. */
+  hostIp: string;
+  hostPort: number;
+  /** The network whose endpoint receives the traffic (the sandbox's first network). */
+  networkId: string;
+  /** What was asked for (inspect's PortBindings): host IP and port as given, "" when left out. */
+  requested: { hostIp: string; hostPort: string };
+}
+
+/** Holders of one protocol's host port: host IP (canonical, or a wildcard) -> sandbox id. */
+export type PortClaims = Record<string, string>;
 
 export const keys = {
   network: (id: string) => `networks/${id}`,
@@ -147,4 +191,11 @@ export const keys = {
   pendingSandboxes: () => "pending/sandboxes/",
   pendingNetwork: (id: string) => `pending/networks/${id}`,
   pendingNetworks: () => "pending/networks/",
+  /** Host port claims, one key per protocol and port (see PortClaims). */
+  port: (proto: string, hostPort: number) => `ports/${proto}/${hostPort}`,
+  portsOf: (proto: string) => `ports/${proto}/`,
+  ports: () => "ports/",
+  portsMeta: () => "meta/ports",
+  /** The agent claim of a host (one live agent per host and store). */
+  agent: (host: string) => `agents/${host}`,
 } as const;

@@ -19,7 +19,7 @@ const create = defineCommand({
   summary: "Create a network",
   args: { min: 1, max: 1 },
   flags: [
-    { name: "driver", short: "d", kind: "string", default: "bridge", help: "Driver to manage the network (bridge, host, null)" },
+    { name: "driver", short: "d", kind: "string", default: "bridge", help: "Driver to manage the network (bridge, macvlan)" },
     { name: "subnet", kind: "list", help: "Subnet in CIDR format that represents a network segment" },
     { name: "gateway", kind: "list", help: "IPv4 or IPv6 gateway for the subnet" },
     { name: "ip-range", kind: "list", help: "Allocate container IPs from a sub-range" },

@@ -51,12 +51,27 @@ export interface NetworkDriver {
   hostIfname(endpointId: string): string | undefined;
   /** Validate options and derive the driver's state. Throws KnitError("invalid-argument"). */
   prepare(ctx: PrepareContext): DriverState;
-  /** Checks against the kernel before anything is recorded (names in use ...). */
-  precheck(network: Network): Promise<void>;
+  /**
+   * Checks against the kernel and the host's other networks (`others`, in any state) before
+   * anything is recorded: names in use, a parent device another network holds ... May return
+   * settings learnt from the kernel (what the network will change on a shared device), which
+   * are merged into the network's driverState before it is recorded.
+   */
+  precheck(network: Network, others: readonly Network[]): Promise<DriverState | void>;
   /** Create the network's kernel objects. Idempotent: existing, correct objects are kept. */
   ensureNetwork(network: Network, pools: readonly Pool[]): Promise<void>;
-  /** Remove the network's kernel objects; already gone is fine. */
-  deleteNetwork(network: Network): Promise<void>;
+  /**
+   * Remove the network's kernel objects; already gone is fine. `others` are the host's other
+   * networks (any state but "deleting"): objects shared with them, such as a parent device
+   * and what was changed on it, stay while they use them.
+   */
+  deleteNetwork(network: Network, others: readonly Network[]): Promise<void>;
+  /**
+   * Devices of the LAN this network joins (a macvlan parent), from the state prepare made:
+   * routes through them describe that LAN, which the network's subnet may well be, so the
+   * subnet overlap check ignores them.
+   */
+  lanDevices?(state: DriverState): readonly string[];
   /** Wire an endpoint into a sandbox namespace. Fails if the interface name exists there. */
   attach(ctx: AttachContext): Promise<void>;
   /** Unwire an endpoint; already gone is fine. */

@@ -3,6 +3,7 @@ import { invalid } from "../errors.ts";
 import { DriverNames, type DriverName } from "../model.ts";
 import { bridgeDriver } from "./bridge.ts";
 import { hostDriver } from "./host.ts";
+import { macvlanDriver } from "./macvlan.ts";
 import { nullDriver } from "./null.ts";
 import type { NetworkDriver } from "./driver.ts";
 
@@ -10,6 +11,7 @@ export const drivers = {
   bridge: bridgeDriver,
   host: hostDriver,
   null: nullDriver,
+  macvlan: macvlanDriver,
 } as const satisfies Record<DriverName, NetworkDriver>;
 
 /** Look a driver up by the name a user typed. */

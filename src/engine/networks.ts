@@ -8,7 +8,7 @@
  * makes kernel objects, then marks the row ready. A crash in between is repaired by reconcile.
  */
 import { KnitError, conflict, invalid, runAll } from "../errors.ts";
-import { absent, listJson, putJson, type Op } from "../store/store.ts";
+import { absent, getJson, listJson, putJson, type Op } from "../store/store.ts";
 import { keys, type DriverName, type Network } from "../model.ts";
 import { driverFor, drivers } from "../drivers/registry.ts";
 import { BridgeOptions } from "../drivers/bridge.ts";
@@ -19,9 +19,11 @@ import { listRoutes } from "../kernel/ip.ts";
 import { applyFirewall, removeFirewall, type BridgeNetworkRules } from "../firewall/firewall.ts";
 import { buildSubnetConfigs, parseAuxAddresses, poolConfig } from "./network-spec.ts";
 import { checkName, getNetwork, newId, retryTxn, type Engine } from "./engine.ts";
-import { currentOwner, ownerAlive } from "./owner.ts";
+import { abandoned, currentOwner, ownerAlive } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { repairNetworkEndpoints } from "./endpoints.ts";
+import { repairSandboxes } from "./sandboxes.ts";
+import { firewallPorts } from "../ports/publish.ts";
 
 export interface CreateNetworkRequest {
   name: string;
@@ -43,13 +45,16 @@ const PREDEFINED_DRIVER: Record<(typeof PREDEFINED)[number], DriverName> = { bri
 /** Device name of the predefined bridge network (Docker's is docker0; knit coexists with it). */
 export const DEFAULT_BRIDGE = "knit0";
 
-/** Subnets in use on this host that a new network must not overlap: other networks and routes. */
-async function takenSubnets(engine: Engine): Promise<{ cidr: Cidr; what: string }[]> {
+/**
+ * Subnets in use on this host that a new network must not overlap: other networks and routes
+ * (except routes through `lanDevices`, the LAN the new network joins, as a macvlan parent).
+ */
+async function takenSubnets(engine: Engine, lanDevices: readonly string[] = []): Promise<{ cidr: Cidr; what: string }[]> {
   const nets = await listJson<Network>(engine.store, keys.networks());
   const bridges = new Set(nets.map((n) => String(n.driverState.bridge ?? "")));
   const out = nets.flatMap((n) => n.subnets.map((s) => ({ cidr: parseCidr(s.subnet), what: `network "${n.name}" (${s.subnet})` })));
   for (const r of await listRoutes()) {
-    if (r.dst === "default" || !r.dst || (r.dev && bridges.has(r.dev))) continue;
+    if (r.dst === "default" || !r.dst || (r.dev && (bridges.has(r.dev) || lanDevices.includes(r.dev)))) continue;
     const dst = r.dst.includes("/") ? r.dst : r.dst.includes(":") ? `${r.dst}/128` : `${r.dst}/32`;
     let cidr: Cidr;
     try {
@@ -84,7 +89,7 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
   });
   const subnets = [...explicit];
   if (driver.addressed) {
-    const taken = await takenSubnets(engine);
+    const taken = await takenSubnets(engine, driver.lanDevices?.(driverState) ?? []);
     for (const s of explicit) {
       const c = parseCidr(s.subnet);
       const clash = taken.find((t) => cidrOverlaps(t.cidr, c));
@@ -146,12 +151,15 @@ async function deleteNetworkRows(engine: Engine, net: Network): Promise<void> {
 
 /** Create a network; returns its record. On any failure nothing is left behind. */
 export async function createNetwork(engine: Engine, req: CreateNetworkRequest): Promise<Network> {
+  // A create or rm that crashed must not hold the name or the subnet: finish it first.
+  await repairNetworks(engine).catch(() => undefined);
   const net = await retryTxn("network create", async () => {
     const meta = await engine.store.get(keys.networksMeta());
     if (await engine.store.get(keys.networkName(req.name))) throw conflict(`network with name ${req.name} already exists`);
     const draft = await draftNetwork(engine, req);
     const driver = drivers[draft.driver];
-    await driver.precheck(draft);
+    const learnt = await driver.precheck(draft, await listJson<Network>(engine.store, keys.networks()));
+    if (learnt) Object.assign(draft.driverState, learnt);
     return (await recordNetwork(engine, draft, meta?.version ?? 0)) ? draft : undefined;
   });
   try {
@@ -165,12 +173,17 @@ export async function createNetwork(engine: Engine, req: CreateNetworkRequest): 
     return ready;
   } catch (err) {
     await runAll("undo network create", [
-      () => drivers[net.driver].deleteNetwork(net),
+      async () => drivers[net.driver].deleteNetwork(net, await remainingNetworks(engine, net)),
       () => deleteNetworkRows(engine, net),
       () => syncFirewall(engine),
     ]).catch(() => undefined);
     throw err;
   }
+}
+
+/** The host's networks other than `net` that are not being removed (they keep shared objects). */
+async function remainingNetworks(engine: Engine, net: Network): Promise<Network[]> {
+  return (await listJson<Network>(engine.store, keys.networks())).filter((n) => n.id !== net.id && n.state !== "deleting");
 }
 
 /** Endpoints of a network (any state). */
@@ -182,6 +195,8 @@ export async function networkEndpointCount(engine: Engine, netId: string): Promi
 export async function removeNetwork(engine: Engine, ref: string): Promise<Network> {
   const net = await getNetwork(engine, ref);
   if (net.predefined) throw conflict(`${net.name} is a pre-defined network and cannot be removed`);
+  // Sandboxes whose run or rm crashed may still hold endpoints here.
+  await repairSandboxes(engine);
   await repairNetworkEndpoints(engine, net.id);
   const count = await networkEndpointCount(engine, net.id);
   if (count > 0) {
@@ -198,13 +213,32 @@ export async function removeNetwork(engine: Engine, ref: string): Promise<Networ
   return net;
 }
 
-/** Second half of removal, also used by reconcile for a crashed rm or create. */
+/**
+ * Second half of removal, also used by reconcile for a crashed rm or create. A marked
+ * removal is always finished: every step runs even when one fails (a bridge that could not
+ * be deleted keeps its `knit:` alias, and reconcile deletes it as an orphan).
+ */
 export async function finishNetworkRemoval(engine: Engine, net: Network): Promise<void> {
-  faultPoint("network-rm:after-mark");
-  await drivers[net.driver].deleteNetwork(net);
-  faultPoint("network-rm:after-kernel");
-  await deleteNetworkRows(engine, net);
-  await syncFirewall(engine);
+  await runAll(`remove network ${net.name}`, [
+    async () => faultPoint("network-rm:after-mark"),
+    async () => drivers[net.driver].deleteNetwork(net, await remainingNetworks(engine, net)),
+    async () => faultPoint("network-rm:after-kernel"),
+    () => deleteNetworkRows(engine, net),
+    () => syncFirewall(engine),
+  ]);
+}
+
+/** Finish the creates and removals of networks whose process died; returns how many. */
+export async function repairNetworks(engine: Engine): Promise<number> {
+  let n = 0;
+  for (const kv of (await engine.store.list(keys.pendingNetworks())).items) {
+    if (!(await abandoned(engine.store, kv))) continue;
+    const net = await getJson<Network>(engine.store, keys.network(kv.key.slice(keys.pendingNetworks().length)));
+    if (net) await finishNetworkRemoval(engine, net);
+    else await engine.store.delete(kv.key);
+    n++;
+  }
+  return n;
 }
 
 /** Remove every user network without endpoints; returns the names removed. */
@@ -224,25 +258,29 @@ export async function pruneNetworks(engine: Engine, labelFilter?: (n: Network) =
 }
 
 /**
- * Rebuild knit's firewall tables from the store. Lock-free: after applying, the version of
- * meta/networks is read again; if another process changed networks meanwhile, apply again,
- * so the last writer always applies the newest state.
+ * Rebuild knit's firewall tables from the store (networks and their published ports).
+ * Lock-free: after applying, the versions of meta/networks and meta/ports are read again; if
+ * another process changed networks or ports meanwhile, apply again, so the last writer
+ * always applies the newest state.
  */
 export async function syncFirewall(engine: Engine): Promise<void> {
+  const version = async (): Promise<string> =>
+    `${(await engine.store.get(keys.networksMeta()))?.modRevision ?? 0}/${(await engine.store.get(keys.portsMeta()))?.modRevision ?? 0}`;
   for (let i = 0; i < 16; i++) {
-    const before = (await engine.store.get(keys.networksMeta()))?.modRevision ?? 0;
+    const before = await version();
     const nets = await listJson<Network>(engine.store, keys.networks());
+    const ports = await firewallPorts(engine);
     const rules = nets
       .filter((n) => n.state !== "deleting" && (n.state === "ready" || ownerAlive(n.owner)))
       .flatMap((n): BridgeNetworkRules[] => {
         if (n.predefined && n.driver === "bridge" && !n.driverState.kernelCreated) return [];
         const r = drivers[n.driver].firewall(n);
-        return r ? [r] : [];
+        const published = ports.get(n.id);
+        return r ? [published?.length ? { ...r, ports: published } : r] : [];
       });
     if (rules.length === 0) await removeFirewall();
     else await applyFirewall(rules);
-    const after = (await engine.store.get(keys.networksMeta()))?.modRevision ?? 0;
-    if (after === before) return;
+    if ((await version()) === before) return;
   }
 }
 
