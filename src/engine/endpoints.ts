@@ -10,13 +10,13 @@
  */
 import { KnitError, conflict, invalid, runAll } from "../errors.ts";
 import { absent, getJson, listJson, putJson, type Compare, type Op } from "../store/store.ts";
-import { keys, type Endpoint, type Membership, type Network, type Owner, type Sandbox } from "../model.ts";
+import { keys, type Endpoint, type Membership, type Network, type Sandbox } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { candidates, checkStaticAddress, toPool, type Pool } from "../ipam/ipam.ts";
 import { formatIp, parseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "../kernel/exec.ts";
 import { getNetwork, newId, type Engine } from "./engine.ts";
-import { currentOwner, ownerAlive } from "./owner.ts";
+import { abandoned, currentOwner } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { ensureDefaultBridgeKernel } from "./networks.ts";
 
@@ -27,6 +27,8 @@ export interface ConnectOptions {
   /** Interface name inside the sandbox (CNI gives one); else prefix + lowest free number. */
   ifname?: string;
   mac?: string;
+  /** Joining while the sandbox is created (`knit run`): the only time host and none may be joined. */
+  atCreate?: boolean;
 }
 
 /** Docker-style MAC: 02:42 followed by the IPv4 address, else random locally administered. */
@@ -86,19 +88,33 @@ export function sandboxNetns(sb: Sandbox): Netns | undefined {
 }
 
 /**
- * Join a sandbox to a network. Claims, wires, marks ready; on any failure undoes it all.
+ * Join a sandbox to a network. Claims, wires, marks ready; on any failure undoes it all,
+ * including the record of an external sandbox that was made for this connect.
  */
 export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox, opts: ConnectOptions = {}): Promise<Endpoint> {
+  try {
+    return await joinNetwork(engine, netRef, sb, opts);
+  } catch (err) {
+    await dropExternalIfUnused(engine, sb).catch(() => undefined);
+    throw err;
+  }
+}
+
+async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: ConnectOptions): Promise<Endpoint> {
   let net = await getNetwork(engine, netRef);
   const driver = drivers[net.driver];
   if (net.state !== "ready") throw conflict(`network ${net.name} is being ${net.state === "creating" ? "created" : "removed"}`, "try again in a moment");
+  if (!driver.userNetworks && !opts.atCreate) {
+    throw conflict(`sandbox ${sb.name} cannot be connected to the ${net.name} network`, `the ${net.name} network is joined only when a sandbox is created: knit run --network ${net.name} ...`);
+  }
   const netns = sandboxNetns(sb);
   if (!netns && net.driver !== "host") throw conflict(`sandbox ${sb.name} shares the host's network stack and cannot join network ${net.name}`);
   if (net.predefined && (opts.ip || opts.ip6)) throw invalid("user specified IP address is supported on user defined networks only");
   if (net.predefined && opts.aliases?.length) throw invalid("network-scoped alias is supported only for containers in user defined networks");
   if (opts.ip6 && !net.enableIPv6) throw invalid(`invalid --ip6 ${opts.ip6}: network ${net.name} has no IPv6`, "create the network with --ipv6");
   for (const a of opts.aliases ?? []) if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$/.test(a)) throw invalid(`invalid alias "${a}"`);
-  await repairNetworkEndpoints(engine, net.id);
+  // Not dropping sb's own record: a crashed connect of this same sandbox is repaired here.
+  await repairNetworkEndpoints(engine, net.id, sb.id);
   net = await ensureDefaultBridgeKernel(engine, net);
 
   const pools = net.subnets.map(toPool);
@@ -110,9 +126,15 @@ export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox
   let c4 = recordOnly ? undefined : nextClaim(src4, net);
   let c6 = recordOnly ? undefined : nextClaim(src6, net);
   const avoid = new Set<string>();
-  let ifname = opts.ifname ?? (await pickIfname(engine, sb, prefix, avoid));
+  // Record-only endpoints (host, none) have no interface: they claim no interface name.
+  const NO_IFNAME = "";
+  let ifname = recordOnly ? NO_IFNAME : (opts.ifname ?? (await pickIfname(engine, sb, prefix, avoid)));
   const id = newId();
-  let netRevision = (await engine.store.get(keys.network(net.id)))?.modRevision ?? 0;
+  // The revision the claim is guarded by must be that of a record still "ready": a network
+  // marked for removal since getNetwork() above must not get new endpoints.
+  const netKv = await engine.store.get(keys.network(net.id));
+  if (!netKv || (JSON.parse(netKv.value) as Network).state !== "ready") throw conflict(`network ${net.name} is being removed`);
+  let netRevision = netKv.modRevision;
 
   let endpoint: Endpoint | undefined;
   for (let attempt = 0; attempt < 100000 && !endpoint; attempt++) {
@@ -135,14 +157,16 @@ export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox
     // The network must not change (be marked for removal) while we claim.
     const compares: Compare[] = [
       { key: keys.network(net.id), target: "modRevision", op: "=", value: netRevision },
+      // ...nor the sandbox be forgotten (an external one, by a repair in another process).
+      { key: keys.sandbox(sb.id), target: "version", op: ">", value: 0 },
       absent(keys.member(sb.id, net.id)),
-      absent(keys.ifname(sb.id, ifname)),
+      ...(recordOnly ? [] : [absent(keys.ifname(sb.id, ifname))]),
     ];
     const ops: Op[] = [
       putJson(keys.endpoint(net.id, id), ep),
       putJson(keys.pendingEndpoint(net.id, id), owner),
       putJson(keys.member(sb.id, net.id), member),
-      { type: "put", key: keys.ifname(sb.id, ifname), value: id },
+      ...(recordOnly ? [] : [{ type: "put", key: keys.ifname(sb.id, ifname), value: id } as const]),
     ];
     for (const c of [c4, c6]) {
       if (!c) continue;
@@ -159,6 +183,7 @@ export async function connectSandbox(engine: Engine, netRef: string, sb: Sandbox
     const current = await engine.store.get(keys.network(net.id));
     if (!current || (JSON.parse(current.value) as Network).state !== "ready") throw conflict(`network ${net.name} is being removed`);
     netRevision = current.modRevision;
+    if (!(await engine.store.get(keys.sandbox(sb.id)))) throw conflict(`sandbox ${sb.name} was removed while it was being connected`, "try again");
     if (await engine.store.get(keys.member(sb.id, net.id))) throw conflict(`endpoint with name ${sb.name} already exists in network ${net.name}`);
     if (await engine.store.get(keys.ifname(sb.id, ifname))) {
       if (opts.ifname) throw conflict(`sandbox ${sb.name} already has an interface named ${ifname}`);
@@ -204,7 +229,8 @@ export async function findMembership(engine: Engine, sb: Sandbox, netId: string)
 
 /**
  * Leave a network. Marks the endpoint "deleting" (with this process as owner), removes the
- * kernel objects, then the rows. With `force`, kernel errors do not stop the row removal.
+ * kernel objects, then the rows. A marked removal is always finished: every step runs even
+ * when one fails, and the errors are reported together (with `force`, kernel errors are not).
  */
 export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sandbox, force = false): Promise<void> {
   const net = await getNetwork(engine, netRef);
@@ -212,15 +238,16 @@ export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sand
   if (!ep) throw conflict(`sandbox ${sb.name} is not connected to network ${net.name}`);
   const owner = currentOwner();
   await engine.store.txn([], [putJson(keys.endpoint(net.id, ep.id), { ...ep, state: "deleting", owner }), putJson(keys.pendingEndpoint(net.id, ep.id), owner)]);
-  faultPoint("disconnect:after-mark");
-  try {
-    await drivers[net.driver].detach(net, ep, sandboxNetns(sb));
-  } catch (err) {
-    if (!force) throw err;
-  }
-  faultPoint("disconnect:after-kernel");
-  await engine.store.txn([], endpointRowDeletes(ep, sb));
-  await dropExternalIfUnused(engine, sb);
+  await runAll(`disconnect ${sb.name} from network ${net.name}`, [
+    async () => faultPoint("disconnect:after-mark"),
+    () =>
+      drivers[net.driver].detach(net, ep, sandboxNetns(sb)).catch((err: unknown) => {
+        if (!force) throw err;
+      }),
+    async () => faultPoint("disconnect:after-kernel"),
+    () => engine.store.txn([], endpointRowDeletes(ep, sb)),
+    () => dropExternalIfUnused(engine, sb),
+  ]);
 }
 
 /** An external sandbox (ip netns, container) is forgotten with its last endpoint. */
@@ -237,13 +264,14 @@ export async function dropExternalIfUnused(engine: Engine, sb: Sandbox): Promise
 /**
  * Undo the endpoints of a network whose operation was cut short (owner process dead): a
  * connect that never finished is rolled back, a disconnect that never finished completes.
+ * External sandboxes left without endpoints are forgotten, except `keepSandbox` (the one
+ * the caller is connecting).
  */
-export async function repairNetworkEndpoints(engine: Engine, netId: string): Promise<number> {
+export async function repairNetworkEndpoints(engine: Engine, netId: string, keepSandbox?: string): Promise<number> {
   const pending = await engine.store.list(keys.pendingEndpointsOf(netId));
   let repaired = 0;
   for (const kv of pending.items) {
-    const owner = JSON.parse(kv.value) as Owner;
-    if (ownerAlive(owner)) continue;
+    if (!(await abandoned(engine.store, kv))) continue;
     const epId = kv.key.slice(keys.pendingEndpointsOf(netId).length);
     const net = await getJson<Network>(engine.store, keys.network(netId));
     const ep = await getJson<Endpoint>(engine.store, keys.endpoint(netId, epId));
@@ -253,7 +281,7 @@ export async function repairNetworkEndpoints(engine: Engine, netId: string): Pro
     }
     const sb = (await getJson<Sandbox>(engine.store, keys.sandbox(ep.sandboxId))) ?? { id: ep.sandboxId };
     await undoEndpoint(engine, net, ep, sb);
-    if ("kind" in sb) await dropExternalIfUnused(engine, sb);
+    if ("kind" in sb && sb.id !== keepSandbox) await dropExternalIfUnused(engine, sb);
     repaired++;
   }
   return repaired;
