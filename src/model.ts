@@ -193,7 +193,6 @@ export const keys = {
   pendingNetworks: () => "pending/networks/",
   /** Host port claims, one key per protocol and port (see PortClaims). */
   port: (proto: string, hostPort: number) => `ports/${proto}/${hostPort}`,
-  portsOf: (proto: string) => `ports/${proto}/`,
   ports: () => "ports/",
   portsMeta: () => "meta/ports",
   /** The agent claim of a host (one live agent per host and store). */

@@ -22,6 +22,7 @@ import {
   type BridgeNetworkRules,
 } from "../src/firewall/firewall.ts";
 import { run, type Netns } from "../src/kernel/exec.ts";
+import type { PublishedPort } from "../src/firewall/dnat.ts";
 import { nftListTable, nftTables, type NftJson } from "../src/kernel/nft.ts";
 
 const P = `kfw${process.pid}`;
@@ -236,6 +237,109 @@ describe("applyFirewall on a real topology", () => {
     expect((err as KnitError).code).toBe("invalid-argument");
     expect(await nftListTable("inet", "knit", host)).toEqual(before);
   });
+});
+
+// ---- published ports (DNAT) ----------------------------------------------------------------
+
+const SB = "0123456789ab0123456789ab";
+const web: PublishedPort = { hostIp: "0.0.0.0", hostPort: 8080, proto: "tcp", containerIp: "10.88.1.2", containerPort: 80, sandboxId: SB };
+
+/** Run `busybox nc -ll -p PORT -e cat` in a namespace; returns a stop function. */
+async function echoServer(ns: string, port: number): Promise<() => Promise<void>> {
+  const proc = Bun.spawn(["ip", "netns", "exec", ns, "busybox", "nc", "-ll", "-p", String(port), "-e", "cat"], { stdout: "ignore", stderr: "ignore" });
+  for (let i = 0; i < 50; i++) {
+    if ((await exec(ns, "ss", "-Hltn", `sport = :${port}`)).stdout.trim() !== "") break;
+    await Bun.sleep(50);
+  }
+  return async () => {
+    proc.kill("SIGKILL");
+    await proc.exited;
+  };
+}
+
+/** Send a line over TCP from a namespace; what came back, or undefined. */
+async function tcpEcho(from: string, addr: string, port: number): Promise<string | undefined> {
+  const r = await run(["ip", "netns", "exec", from, "busybox", "nc", "-w", "2", addr, String(port)], { stdin: "hello\n", allowFailure: true });
+  return r.code === 0 && r.stdout !== "" ? r.stdout : undefined;
+}
+
+const localnet = async (bridge: string): Promise<string> => (await exec(NS.host, "sysctl", "-n", `net.ipv4.conf.${bridge}.route_localnet`)).stdout.trim();
+
+describe("published ports (DNAT)", () => {
+  test("rulesets with ports pass nft check mode and have the expected shape", async () => {
+    const ports: PublishedPort[] = [
+      web,
+      { ...web, hostIp: "192.0.2.2", hostPort: 8081, proto: "udp" },
+      { ...web, hostIp: "::", containerIp: "fd00:88:1::2" },
+      { ...web, hostIp: "2001:db8::1", hostPort: 8082, containerIp: "fd00:88:1::2" },
+    ];
+    const script = buildRuleset([{ ...netA, ports }, netB]);
+    const res = await run(["nft", "-c", "-f", "-"], { stdin: script, allowFailure: true });
+    expect(res.stderr).toBe("");
+    expect(res.code).toBe(0);
+    expect(script).toContain("fib daddr type local jump published");
+    expect(script).toContain(`meta nfproto ipv4 tcp dport 8080 dnat ip to 10.88.1.2:80 comment "knit neta ${SB.slice(0, 12)}"`);
+    expect(script).toContain("ip daddr 192.0.2.2 udp dport 8081 dnat ip to 10.88.1.2:80");
+    expect(script).toContain("ip6 daddr != ::1 tcp dport 8080 dnat ip6 to [fd00:88:1::2]:80");
+    expect(script).toContain("ip6 daddr 2001:db8::1 tcp dport 8082 dnat ip6 to [fd00:88:1::2]:80");
+    expect(script).toContain('ip saddr 10.88.1.0/24 oifname "brA" ct status dnat masquerade');
+    expect(script).toContain('ip saddr 127.0.0.0/8 oifname "brA" masquerade');
+    expect(script).toContain('iifname "brA" ip daddr 127.0.0.0/8 drop');
+    // No ports, no NAT hooks besides postrouting: the table is exactly as before.
+    expect(buildRuleset([netA, netB])).not.toContain("prerouting");
+    // A bridge whose name sysctl cannot address gets no 127.0.0.1 path.
+    const dotted = buildRuleset([{ ...netA, bridge: "br.a", ports: [web] }]);
+    expect(dotted).toContain("ip daddr != 127.0.0.0/8 tcp dport 8080");
+    expect(dotted).not.toContain("ip saddr 127.0.0.0/8");
+  });
+
+  test("bad published ports are rejected before anything is built", () => {
+    const bad: [Partial<PublishedPort>, RegExp][] = [
+      [{ hostPort: 0 }, /ports are 1 to 65535/],
+      [{ containerPort: 65536 }, /ports are 1 to 65535/],
+      [{ containerIp: "10.99.0.2" }, /in no subnet/],
+      [{ containerIp: "fd00:88:1::2" }, /different IP families/],
+      [{ hostIp: "not-an-ip" }, /not an IPv4 or IPv6 address/],
+      [{ sandboxId: 'x" drop' }, /invalid sandbox id/],
+      [{ proto: "sctp" as PublishedPort["proto"] }, /invalid protocol/],
+    ];
+    for (const [change, message] of bad) {
+      expect(() => buildRuleset([{ ...netA, ports: [{ ...web, ...change }] }])).toThrow(message);
+    }
+    expect(() => buildRuleset([{ ...netA, ports: [web, { ...web, hostIp: "192.0.2.2" }] }])).toThrow(/published twice/);
+    expect(() => buildRuleset([{ ...netA, ports: [web] }, { ...netB, ports: [{ ...web, containerIp: "10.88.2.2" }] }])).toThrow(/published twice/);
+    expect(() => buildRuleset([{ ...netA, internal: true, ports: [web] }])).toThrow(/internal/);
+  });
+
+  test("outside, other network, hairpin and the host itself reach a published port", async () => {
+    await applyFirewall([netA, netB], host);
+    const stop = await echoServer(NS.c1, 80);
+    try {
+      expect(await tcpEcho(NS.out, "192.0.2.2", 8080)).toBeUndefined(); // not published yet
+      await applyFirewall([{ ...netA, ports: [web] }, netB], host);
+      expect(chains(await nftListTable("inet", "knit", host)).sort()).toEqual(["forward", "guard", "output", "postrouting", "prerouting", "published"]);
+      expect(await localnet("brA")).toBe("1");
+      expect(await localnet("brB")).toBe("0");
+      const via = await Promise.all([
+        tcpEcho(NS.out, "192.0.2.2", 8080), // another machine
+        tcpEcho(NS.c3, "192.0.2.2", 8080), // a container on another network
+        tcpEcho(NS.c2, "192.0.2.2", 8080), // hairpin: same network, through the host address
+        tcpEcho(NS.c1, GW_A, 8080), // the server itself, through its gateway
+        tcpEcho(NS.host, "192.0.2.2", 8080), // the host, through its own address
+        tcpEcho(NS.host, "127.0.0.1", 8080), // the host, through loopback
+      ]);
+      expect([...via]).toEqual(Array<string | undefined>(6).fill("hello\n"));
+      // Isolation still holds for the container address itself.
+      expect(await tcpEcho(NS.c3, "10.88.1.2", 80)).toBeUndefined();
+
+      await applyFirewall([netA, netB], host);
+      expect(chains(await nftListTable("inet", "knit", host)).sort()).toEqual(["forward", "postrouting"]);
+      expect(await localnet("brA")).toBe("0");
+      expect(await tcpEcho(NS.out, "192.0.2.2", 8080)).toBeUndefined();
+    } finally {
+      await stop();
+    }
+  }, 60_000);
 });
 
 describe("removeFirewall", () => {

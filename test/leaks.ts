@@ -97,7 +97,7 @@ const PREDEFINED_NETWORKS = new Set(["bridge", "host", "none"]);
 /** Device of the predefined `bridge` network (knit's docker0). */
 export const DEFAULT_BRIDGE_DEVICE = "knit0";
 /** Key prefixes that belong to sandboxes, endpoints or operations under way: none may remain. */
-const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "names/sandboxes/", "members/", "ifnames/", "pending/"];
+const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "names/sandboxes/", "members/", "ifnames/", "pending/", "ports/"];
 
 /**
  * What a host's knit store holds beyond a clean host's: networks other than the predefined

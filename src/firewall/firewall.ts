@@ -14,6 +14,9 @@
  *       isolation: from bridge X to @bridges other than X: drop
  *     chain postrouting   nat, priority srcnat
  *       ip[6] saddr SUBNET oifname != BRIDGE masquerade    (masquerading, non-internal nets)
+ *       + hairpin and 127.0.0.1 source NAT for networks with published ports
+ *     chains guard, prerouting, output, published    only while ports are published:
+ *       DNAT from the host's addresses to sandboxes (see dnat.ts)
  *
  * Every base chain has policy accept and only drops knit traffic, so other programs' tables
  * (Docker, podman, firewalld) keep deciding about everything else. icc=false is not a
@@ -25,11 +28,13 @@
  */
 import type { Netns } from "../kernel/exec.ts";
 import { nftApply } from "../kernel/nft.ts";
-import { writeSysctl } from "../kernel/sysctl.ts";
+import { readSysctl, writeSysctl } from "../kernel/sysctl.ts";
 import { syncDockerUserChain } from "./docker-user.ts";
-import { checkNetworks, deleteTable, inetTable, type BridgeNetworkRules } from "./rules.ts";
+import { localnetBridges } from "./dnat.ts";
+import { checkNetworks, deleteTable, inetTable, type BridgeNetworkRules, type CheckedNetwork } from "./rules.ts";
 
 export type { BridgeNetworkRules } from "./rules.ts";
+export type { PublishedPort } from "./dnat.ts";
 export { syncDockerUserChain } from "./docker-user.ts";
 
 /**
@@ -61,6 +66,23 @@ export function forwardingSysctls(nets: readonly BridgeNetworkRules[]): [key: st
   return out;
 }
 
+const localnetKey = (bridge: string): string => `net.ipv4.conf.${bridge}.route_localnet`;
+
+/**
+ * `route_localnet` per bridge: on where IPv4 ports are published (so 127.0.0.1 can reach
+ * them), back off on the other bridges when it was on. Bridges whose name has a '.' cannot be
+ * named in a sysctl key and are left alone (their ports are not published on 127.0.0.1).
+ */
+async function syncRouteLocalnet(nets: readonly CheckedNetwork[], ns: Netns | undefined, on: boolean): Promise<void> {
+  const wanted = new Set(localnetBridges(nets));
+  for (const n of nets) {
+    if (!n.localnet || n.v4.length === 0 || wanted.has(n.bridge) !== on) continue;
+    if (on) await writeSysctl(localnetKey(n.bridge), "1", ns);
+    else if (ns) await writeSysctl(localnetKey(n.bridge), "0", ns).catch(() => undefined); // best effort: the bridge may be gone
+    else if (readSysctl(localnetKey(n.bridge)) === "1") await writeSysctl(localnetKey(n.bridge), "0");
+  }
+}
+
 /** One firewall change at a time per namespace, so concurrent callers apply in order. */
 const queues = new Map<string, Promise<unknown>>();
 function serialized<T>(ns: Netns | undefined, work: () => Promise<T>): Promise<T> {
@@ -84,10 +106,13 @@ export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Ne
   const sysctls = forwardingSysctls(nets); // validates everything first
   if (nets.length === 0) return removeFirewall(ns);
   const script = buildRuleset(nets);
+  const checked = checkNetworks(nets);
   const bridges = nets.map((n) => n.bridge);
   await serialized(ns, async () => {
     for (const [key, value] of sysctls) await writeSysctl(key, value, ns);
+    await syncRouteLocalnet(checked, ns, true);
     await nftApply(script, ns);
+    await syncRouteLocalnet(checked, ns, false);
     await syncDockerUserChain(bridges, ns);
   });
 }

@@ -7,6 +7,7 @@
 import { invalid } from "../errors.ts";
 import { checkIfname } from "../net/ifname.ts";
 import { formatCidr, parseCidr } from "../net/ip.ts";
+import { checkPortOverlaps, checkPorts, portChains, portSnatRules, sysctlSafeIfname, type CheckedPort, type PublishedPort } from "./dnat.ts";
 
 /** What the firewall needs to know about one bridge network. */
 export interface BridgeNetworkRules {
@@ -20,6 +21,8 @@ export interface BridgeNetworkRules {
   masquerade: boolean;
   /** `--internal`: no traffic in or out of the bridge. */
   internal: boolean;
+  /** Ports published to sandboxes on this network (DNAT from the host's addresses). */
+  ports?: readonly PublishedPort[];
 }
 
 /** A network after validation: canonical subnets split by family. */
@@ -30,6 +33,9 @@ export interface CheckedNetwork {
   readonly v6: readonly string[];
   readonly masquerade: boolean;
   readonly internal: boolean;
+  readonly ports: readonly CheckedPort[];
+  /** route_localnet can be set on the bridge, so 127.0.0.1 can reach published ports. */
+  readonly localnet: boolean;
 }
 
 /** Name of knit's table (`table inet knit`). */
@@ -46,20 +52,27 @@ function checkNetworkId(id: string): string {
 /** Validate every network (all before any is used) and reject duplicate bridges. */
 export function checkNetworks(nets: readonly BridgeNetworkRules[]): CheckedNetwork[] {
   const seen = new Set<string>();
-  return nets.map((n) => {
+  const checked = nets.map((n) => {
     const bridge = checkIfname(n.bridge);
     if (seen.has(bridge)) throw invalid(`bridge "${bridge}" is listed for more than one network`);
     seen.add(bridge);
     const cidrs = n.subnets.map((s) => parseCidr(s, "subnet", false));
+    const id = checkNetworkId(n.networkId);
+    const ports = checkPorts(n.ports ?? [], cidrs, id);
+    if (ports.length > 0 && n.internal) throw invalid(`network ${id} is internal: it cannot have published ports`);
     return {
-      id: checkNetworkId(n.networkId),
+      id,
       bridge,
       v4: cidrs.filter((c) => c.family === 4).map(formatCidr),
       v6: cidrs.filter((c) => c.family === 6).map(formatCidr),
       masquerade: n.masquerade,
       internal: n.internal,
+      ports,
+      localnet: sysctlSafeIfname(bridge),
     };
   });
+  checkPortOverlaps(checked.flatMap((n) => n.ports));
+  return checked;
 }
 
 /** A validated name as an nft string literal. */
@@ -113,7 +126,7 @@ export function forwardRules(nets: readonly CheckedNetwork[]): string[] {
   ];
 }
 
-/** `table inet knit { ... }`: isolation, internal networks and masquerade. */
+/** `table inet knit { ... }`: isolation, internal networks, masquerade and published ports. */
 export function inetTable(nets: readonly CheckedNetwork[]): string[] {
   return [
     `table inet ${TABLE} {`,
@@ -122,8 +135,9 @@ export function inetTable(nets: readonly CheckedNetwork[]): string[] {
     ...chain(
       "postrouting",
       "type nat hook postrouting priority srcnat; policy accept;",
-      nets.flatMap(masqueradeRules),
+      [...nets.flatMap(masqueradeRules), ...nets.flatMap(portSnatRules)],
     ),
+    ...portChains(nets, chain),
     "}",
   ];
 }

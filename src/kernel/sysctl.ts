@@ -6,7 +6,12 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { KnitError } from "../errors.ts";
 import { run, type Netns } from "./exec.ts";
 
-const procPath = (key: string): string => `/proc/sys/${key.replace(/\./g, "/")}`;
+/**
+ * The /proc/sys path of a key. Dotted keys (`net.ipv4.ip_forward`) map dots to slashes; a key
+ * that already uses slashes (`net/ipv4/conf/br.0/route_localnet`) is taken as it is, so
+ * interface names with dots stay intact.
+ */
+const procPath = (key: string): string => `/proc/sys/${key.includes("/") ? key : key.replace(/\./g, "/")}`;
 
 /** Read a parameter of knit's own namespace, or undefined when it does not exist. */
 export function readSysctl(key: string): string | undefined {
