@@ -8,17 +8,20 @@ import { renderHelp, type CommandSpec } from "./args.ts";
 import { writeErr, writeOut } from "./output.ts";
 import type { CommandContext } from "./context.ts";
 import { networkMain } from "./network.ts";
-import { execMain, inspectMain, psMain, rmMain, runMain } from "./sandbox.ts";
+import { execMain, inspectMain, portMain, psMain, rmMain, runMain } from "./sandbox.ts";
 import { DEFAULT_STATE_DIR, type Engine } from "../engine/engine.ts";
-import { openSqliteStore } from "../store/sqlite.ts";
+import { openStore } from "../store/open.ts";
 import { ensurePredefined } from "../engine/networks.ts";
 import { reconcile } from "../engine/reconcile.ts";
+import { afterCommand } from "../agent/autostart.ts";
+import { execStats, execTrace } from "../kernel/exec.ts";
+import type { Store } from "../store/store.ts";
 
 const VERSION = "0.1.0";
 
 const TOP: CommandSpec = {
   name: "",
-  usage: "[--state-dir DIR] COMMAND",
+  usage: "[--state-dir DIR] [--store SPEC] COMMAND",
   summary: "Container networks on real kernel objects, for any runtime",
   flags: [],
   commands: [
@@ -28,19 +31,25 @@ const TOP: CommandSpec = {
     { name: "inspect", summary: "Display detailed information on sandboxes or networks" },
     { name: "exec", summary: "Run a command in a running sandbox" },
     { name: "rm", summary: "Remove sandboxes" },
+    { name: "port", summary: "List a sandbox's published ports" },
     { name: "gc", summary: "Reconcile store and kernel: repair what crashed commands left" },
+    { name: "agent", summary: "Run the per-host agent (DNS), or ask it: start, status, stop" },
     { name: "demo", summary: "Show what knit does, in a private lab" },
+    { name: "install", summary: "Install knit's CNI plugins into a CNI bin dir" },
     { name: "version", summary: "Show the knit version" },
   ],
 };
 
 interface Globals {
   stateDir: string;
+  /** Store spec: `etcd://h:p[,h:p]`, `sqlite:DIR`, or undefined for the state directory. */
+  store: string | undefined;
   rest: string[];
 }
 
 function parseGlobals(argv: readonly string[]): Globals {
   let stateDir = process.env.KNIT_STATE_DIR || DEFAULT_STATE_DIR;
+  let store = process.env.KNIT_STORE || undefined;
   let i = 0;
   for (; i < argv.length; i++) {
     const a = argv[i] ?? "";
@@ -49,9 +58,14 @@ function parseGlobals(argv: readonly string[]): Globals {
       if (!v) throw invalid("flag needs an argument: --state-dir");
       stateDir = v;
     } else if (a.startsWith("--state-dir=")) stateDir = a.slice("--state-dir=".length);
+    else if (a === "--store") {
+      const v = argv[++i];
+      if (!v) throw invalid("flag needs an argument: --store");
+      store = v;
+    } else if (a.startsWith("--store=")) store = a.slice("--store=".length);
     else break;
   }
-  return { stateDir, rest: argv.slice(i) };
+  return { stateDir, store, rest: argv.slice(i) };
 }
 
 function printError(err: unknown): void {
@@ -61,19 +75,74 @@ function printError(err: unknown): void {
   if (process.env.KNIT_DEBUG && e.cause instanceof Error) writeErr(`cause: ${e.cause.stack ?? e.cause.message}\n`);
 }
 
+/** Where one CLI run spent its time, printed to stderr at exit with KNIT_TRACE=1. */
+interface Trace {
+  /** Milliseconds since the process started, at each phase's end. */
+  marks: Record<string, number>;
+  /** Store calls: count and milliseconds per method. */
+  store: Record<string, { n: number; ms: number }>;
+}
+
+const trace: Trace | undefined = execTrace ? { marks: { load: performance.now() }, store: {} } : undefined;
+
+/** The store, with every call counted and timed into `t` (for KNIT_TRACE). */
+function tracedStore(store: Store, t: Trace): Store {
+  return new Proxy(store, {
+    get(target, prop, receiver) {
+      const value: unknown = Reflect.get(target, prop, receiver);
+      if (typeof value !== "function" || typeof prop !== "string") return value;
+      return (...args: unknown[]): unknown => {
+        const started = performance.now();
+        const out: unknown = Reflect.apply(value as (...a: unknown[]) => unknown, target, args);
+        const done = (): void => {
+          const s = (t.store[prop] ??= { n: 0, ms: 0 });
+          s.n++;
+          s.ms += performance.now() - started;
+        };
+        if (out instanceof Promise) return out.finally(done);
+        done();
+        return out;
+      };
+    },
+  });
+}
+
+/** Print the trace of this run: one line, `knit-trace: {json}`. */
+function printTrace(t: Trace): void {
+  const byTool: Record<string, { n: number; ms: number }> = {};
+  for (const c of execTrace ?? []) {
+    const tool = c.argv.split(" ")[0] ?? "?";
+    const e = (byTool[tool] ??= { n: 0, ms: 0 });
+    e.n++;
+    e.ms += c.ms;
+  }
+  const round = (x: number): number => Math.round(x * 100) / 100;
+  const out = {
+    marks: Object.fromEntries(Object.entries(t.marks).map(([k, v]) => [k, round(v)])),
+    store: Object.fromEntries(Object.entries(t.store).map(([k, v]) => [k, { n: v.n, ms: round(v.ms) }])),
+    exec: { spawns: execStats.spawns, ms: round(execStats.millis), byTool: Object.fromEntries(Object.entries(byTool).map(([k, v]) => [k, { n: v.n, ms: round(v.ms) }])) },
+    commands: (execTrace ?? []).map((c) => `${round(c.ms)} ${c.argv}`),
+  };
+  writeErr(`knit-trace: ${JSON.stringify(out)}\n`);
+}
+
 /** Run the CLI; returns the process exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
   let engine: Engine | undefined;
   let command = "";
+  let sub = "";
   try {
     const g = parseGlobals(argv);
     const [cmd, ...args] = g.rest;
     command = cmd ?? "";
+    sub = args[0] ?? "";
     const ctx: CommandContext = {
       async engine() {
         if (!engine) {
-          engine = { store: await openSqliteStore(g.stateDir), stateDir: g.stateDir };
+          const store = await openStore(g.store, g.stateDir);
+          engine = { store: trace ? tracedStore(store, trace) : store, stateDir: g.stateDir };
           await ensurePredefined(engine);
+          if (trace) trace.marks.open = performance.now();
         }
         return engine;
       },
@@ -105,12 +174,22 @@ export async function main(argv: readonly string[]): Promise<number> {
         return await inspectMain(ctx, args);
       case "exec":
         return await execMain(ctx, args);
+      case "port":
+        return await portMain(ctx, args);
       case "rm":
         return await rmMain(ctx, args);
       case "gc": {
         const report = await reconcile(await ctx.engine());
         ctx.out(`${JSON.stringify(report)}\n`);
         return 0;
+      }
+      case "agent": {
+        const { agentMain } = await import("../agent/cli.ts");
+        return await agentMain(ctx, args, g.stateDir);
+      }
+      case "install": {
+        const { installMain } = await import("./install.ts");
+        return await installMain(ctx, args);
       }
       case "demo": {
         const { demoMain } = await import("../demo/demo.ts");
@@ -123,10 +202,20 @@ export async function main(argv: readonly string[]): Promise<number> {
     printError(err);
     return command === "run" && !(err instanceof KnitError && err.code === "internal") ? 125 : 1;
   } finally {
+    if (trace) trace.marks.command = performance.now();
+    // Sandboxes came or went: start or stop the DNS agent, fix resolv.conf files.
+    if (engine) await afterCommand(engine, command, sub).catch(printError);
+    if (trace) trace.marks.after = performance.now();
     await engine?.store.close();
+    if (trace) {
+      trace.marks.close = performance.now();
+      printTrace(trace);
+    }
   }
 }
 
 if (import.meta.main) {
-  process.exitCode = await main(process.argv.slice(2));
+  void main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
 }

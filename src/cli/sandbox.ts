@@ -4,13 +4,15 @@
  */
 import { defineCommand, parseArgs, type CommandSpec } from "./args.ts";
 import { renderFormat, renderTable, renderTemplate, shortId } from "./format.ts";
-import { invalid } from "../errors.ts";
+import { invalid, notFound } from "../errors.ts";
 import { execInSandbox, listSandboxes, removeSandbox, runSandbox, sandboxStatus } from "../engine/sandboxes.ts";
 import { findNetwork, findSandbox } from "../engine/engine.ts";
 import { networkView, sandboxView } from "../engine/views.ts";
 import { listMemberships } from "../engine/endpoints.ts";
 import { getJson } from "../store/store.ts";
 import { keys, type Network } from "../model.ts";
+import { parsePortFilter } from "../ports/spec.ts";
+import { portLines } from "../ports/view.ts";
 import type { CommandContext } from "./context.ts";
 
 export const runCmd = defineCommand({
@@ -29,6 +31,11 @@ export const runCmd = defineCommand({
     { name: "network-alias", kind: "list", help: "Alias of --alias" },
     { name: "detach", short: "d", kind: "bool", help: "Run in the background and print the sandbox ID" },
     { name: "rm", kind: "bool", help: "Remove the sandbox when its command exits" },
+    { name: "publish", short: "p", kind: "list", help: "Publish a sandbox's port to the host: [hostIP:][hostPort[-end]:]containerPort[-end][/tcp|/udp] (repeatable)" },
+    { name: "dns", kind: "list", help: "DNS server to use (repeatable; on user networks: the upstream of knit's DNS)" },
+    { name: "dns-search", kind: "list", help: "DNS search domain (repeatable)" },
+    { name: "dns-option", kind: "list", help: "DNS resolver option, e.g. ndots:2 (repeatable)" },
+    { name: "dns-opt", kind: "list", help: "Alias of --dns-option" },
   ],
 });
 
@@ -70,7 +77,15 @@ const rmCmd = defineCommand({
   flags: [{ name: "force", short: "f", kind: "bool", help: "Force the removal of a running sandbox (uses SIGKILL)" }],
 });
 
-export const sandboxCommands: readonly CommandSpec[] = [runCmd, psCmd, inspectCmd, execCmd, rmCmd];
+const portCmd = defineCommand({
+  name: "port",
+  usage: "SANDBOX [PRIVATE_PORT[/PROTO]]",
+  summary: "List port mappings or a specific mapping for the sandbox",
+  args: { min: 1, max: 2 },
+  flags: [],
+});
+
+export const sandboxCommands: readonly CommandSpec[] = [runCmd, psCmd, inspectCmd, execCmd, rmCmd, portCmd];
 
 /** Command words after flags: everything after `--`, or the positionals. */
 function commandWords(positionals: readonly string[], rest: readonly string[] | undefined): string[] {
@@ -89,6 +104,8 @@ export async function runMain(ctx: CommandContext, argv: readonly string[]): Pro
     command,
     networks: [...f.network, ...f.net],
     aliases: [...f.alias, ...f["network-alias"]],
+    publish: f.publish,
+    dns: { servers: f.dns, search: f["dns-search"], options: [...f["dns-option"], ...f["dns-opt"]] },
     detach: f.detach,
     autoRemove: f.rm,
     ...(f.name !== undefined ? { name: f.name } : {}),
@@ -170,4 +187,17 @@ export async function rmMain(ctx: CommandContext, argv: readonly string[]): Prom
     }
   }
   return failed ? 1 : 0;
+}
+
+export async function portMain(ctx: CommandContext, argv: readonly string[]): Promise<number> {
+  const a = parseArgs(portCmd, argv);
+  if (a.help) return ctx.help(portCmd);
+  const [ref = "", filterText] = a.positionals;
+  const filter = filterText === undefined ? undefined : parsePortFilter(filterText);
+  const sb = await findSandbox(await ctx.engine(), ref);
+  if (!sb) throw notFound(`no such sandbox: ${ref}`, "list sandboxes with `knit ps -a`");
+  const lines = portLines(sb.ports ?? [], filter);
+  if (filter && lines.length === 0) throw notFound(`no public port '${filter.port}/${filter.proto}' published for ${sb.name}`);
+  ctx.out(lines.map((l) => `${l}\n`).join(""));
+  return 0;
 }

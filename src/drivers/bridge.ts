@@ -6,7 +6,7 @@
  * knit's links from everybody else's.
  */
 import { invalid, conflict } from "../errors.ts";
-import { batchToken, getLink, ip, ipBatch } from "../kernel/ip.ts";
+import { batchToken, deleteLink, getLink, ip, ipBatch } from "../kernel/ip.ts";
 import { netnsName } from "../kernel/exec.ts";
 import { formatIp, parseIp } from "../net/ip.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
@@ -108,14 +108,15 @@ export const bridgeDriver: NetworkDriver = {
     // IPv6 on a bridge without DAD: the gateway must answer at once.
     for (const g of gatewayAddresses(pools)) settle.push(`addr replace ${g.cidr} dev ${dev}${g.family === 6 ? " nodad" : ""}`);
     settle.push(`link set dev ${dev} up`);
-    const link = await getLink(st.bridge);
-    if (link && link.linkinfo?.info_kind !== "bridge") throw conflict(`interface "${st.bridge}" exists but is not a bridge`);
-    if (link) return ipBatch(settle);
+    // Create first, look only when that fails: one process for a new network. The batch
+    // stops at its first error, so an existing link is left untouched until it is known to
+    // be a bridge (made before: reconcile; or a moment ago by another process).
     try {
       await ipBatch([`link add ${dev} type bridge`, ...settle]);
     } catch (err) {
-      // Another process may have created it a moment ago: converge on what is there.
-      if ((await getLink(st.bridge))?.linkinfo?.info_kind !== "bridge") throw err;
+      const link = await getLink(st.bridge);
+      if (link && link.linkinfo?.info_kind !== "bridge") throw conflict(`interface "${st.bridge}" exists but is not a bridge`);
+      if (!link) throw err;
       await ipBatch(settle);
     }
   },
@@ -142,10 +143,8 @@ export const bridgeDriver: NetworkDriver = {
   },
 
   async detach(_network, endpoint) {
-    const host = hostVethName(endpoint.id);
     // Deleting the host end removes the pair; a gone namespace took its end with it.
-    const link = await getLink(host);
-    if (link) await ip(["link", "del", "dev", host]);
+    await deleteLink(hostVethName(endpoint.id));
   },
 
   firewall(net): BridgeNetworkRules {

@@ -15,10 +15,12 @@ import { drivers } from "../drivers/registry.ts";
 import { candidates, checkStaticAddress, toPool, type Pool } from "../ipam/ipam.ts";
 import { formatIp, parseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "../kernel/exec.ts";
+import { listLinks } from "../kernel/ip.ts";
 import { getNetwork, newId, type Engine } from "./engine.ts";
 import { abandoned, currentOwner } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
-import { ensureDefaultBridgeKernel } from "./networks.ts";
+import { ensureDefaultBridgeKernel, syncFirewall } from "./networks.ts";
+import { flushUdpFlows, hairpinPortEndpoints } from "../ports/publish.ts";
 
 export interface ConnectOptions {
   ip?: string;
@@ -29,6 +31,11 @@ export interface ConnectOptions {
   mac?: string;
   /** Joining while the sandbox is created (`knit run`): the only time host and none may be joined. */
   atCreate?: boolean;
+  /**
+   * Claim addresses only: another program (a CNI plugin using knit's IPAM) makes the
+   * interface, so the driver wires nothing. The sandbox has no namespace of knit's (netnsPath "").
+   */
+  addressOnly?: boolean;
 }
 
 /** Docker-style MAC: 02:42 followed by the IPv4 address, else random locally administered. */
@@ -108,7 +115,7 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
     throw conflict(`sandbox ${sb.name} cannot be connected to the ${net.name} network`, `the ${net.name} network is joined only when a sandbox is created: knit run --network ${net.name} ...`);
   }
   const netns = sandboxNetns(sb);
-  if (!netns && net.driver !== "host") throw conflict(`sandbox ${sb.name} shares the host's network stack and cannot join network ${net.name}`);
+  if (!netns && net.driver !== "host" && !opts.addressOnly) throw conflict(`sandbox ${sb.name} shares the host's network stack and cannot join network ${net.name}`);
   if (net.predefined && (opts.ip || opts.ip6)) throw invalid("user specified IP address is supported on user defined networks only");
   if (net.predefined && opts.aliases?.length) throw invalid("network-scoped alias is supported only for containers in user defined networks");
   if (opts.ip6 && !net.enableIPv6) throw invalid(`invalid --ip6 ${opts.ip6}: network ${net.name} has no IPv6`, "create the network with --ipv6");
@@ -126,6 +133,9 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
   let c4 = recordOnly ? undefined : nextClaim(src4, net);
   let c6 = recordOnly ? undefined : nextClaim(src6, net);
   const avoid = new Set<string>();
+  // A container or `ip netns` namespace may hold interfaces knit did not make (Docker's
+  // eth0): the name picked must be free in the namespace itself, not only in the store.
+  if (netns && sb.kind !== "knit" && !recordOnly && !opts.ifname) for (const l of await listLinks(netns)) avoid.add(l.ifname);
   // Record-only endpoints (host, none) have no interface: they claim no interface name.
   const NO_IFNAME = "";
   let ifname = recordOnly ? NO_IFNAME : (opts.ifname ?? (await pickIfname(engine, sb, prefix, avoid)));
@@ -206,6 +216,12 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
     const ready: Endpoint = { ...endpoint, state: "ready" };
     delete ready.owner;
     await engine.store.txn([], [putJson(keys.endpoint(net.id, endpoint.id), ready), { type: "delete", key: keys.pendingEndpoint(net.id, endpoint.id) }]);
+    // A sandbox rejoining the network its ports are published on gets its rules back
+    // (at run time, runSandbox publishes once all networks are joined).
+    if (!opts.atCreate && sb.ports?.some((m) => m.networkId === net.id)) {
+      await hairpinPortEndpoints([ready], sb.ports);
+      await refreshPublishedPorts(engine, sb, net.id);
+    }
     return ready;
   } catch (err) {
     await undoEndpoint(engine, net, endpoint, sb).catch(() => undefined);
@@ -239,6 +255,8 @@ export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sand
   const owner = currentOwner();
   await engine.store.txn([], [putJson(keys.endpoint(net.id, ep.id), { ...ep, state: "deleting", owner }), putJson(keys.pendingEndpoint(net.id, ep.id), owner)]);
   await runAll(`disconnect ${sb.name} from network ${net.name}`, [
+    // Published ports stop pointing at this endpoint before its address can be reused.
+    () => refreshPublishedPorts(engine, sb, net.id),
     async () => faultPoint("disconnect:after-mark"),
     () =>
       drivers[net.driver].detach(net, ep, sandboxNetns(sb)).catch((err: unknown) => {
@@ -292,3 +310,15 @@ export const listEndpoints = (engine: Engine, netId: string): Promise<Endpoint[]
 
 /** All memberships of a sandbox. */
 export const listMemberships = (engine: Engine, sbId: string): Promise<Membership[]> => listJson<Membership>(engine.store, keys.membersOf(sbId));
+
+/**
+ * Rebuild the firewall when a sandbox with ports published on this network joins or leaves
+ * it (the rules follow the endpoint's state), and flush stale UDP flows.
+ */
+async function refreshPublishedPorts(engine: Engine, sb: Sandbox, netId: string): Promise<void> {
+  const mappings = sb.ports?.filter((m) => m.networkId === netId) ?? [];
+  if (mappings.length === 0) return;
+  await engine.store.put(keys.portsMeta(), sb.id);
+  await syncFirewall(engine);
+  await flushUdpFlows(mappings);
+}

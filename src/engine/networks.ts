@@ -195,8 +195,9 @@ export async function networkEndpointCount(engine: Engine, netId: string): Promi
 export async function removeNetwork(engine: Engine, ref: string): Promise<Network> {
   const net = await getNetwork(engine, ref);
   if (net.predefined) throw conflict(`${net.name} is a pre-defined network and cannot be removed`);
-  // Sandboxes whose run or rm crashed may still hold endpoints here.
-  await repairSandboxes(engine);
+  // Sandboxes whose run or rm crashed may still hold endpoints here (best effort: what is
+  // left still counts below).
+  await repairSandboxes(engine).catch(() => undefined);
   await repairNetworkEndpoints(engine, net.id);
   const count = await networkEndpointCount(engine, net.id);
   if (count > 0) {

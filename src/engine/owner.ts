@@ -6,6 +6,7 @@
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import type { Owner } from "../model.ts";
+import type { KeyValue, Store } from "../store/store.ts";
 
 /** Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat). */
 export function processStartTime(pid: number): string | undefined {
@@ -38,4 +39,15 @@ export function ownerAlive(owner: Owner | undefined): boolean {
 /** True when a process with this PID and start time still runs. */
 export function processAlive(pid: number | undefined, startTime: string | undefined): boolean {
   return pid !== undefined && startTime !== undefined && processStartTime(pid) === startTime;
+}
+
+/**
+ * True when the pending marker `kv` (as listed) names a dead owner and is still there: the
+ * operation was abandoned and may be repaired. The owner may have finished its operation,
+ * removed the marker and exited between the listing and the liveness check; reading the
+ * marker again after the check tells the two apart, as a dead owner changes nothing more.
+ */
+export async function abandoned(store: Store, kv: KeyValue): Promise<boolean> {
+  if (ownerAlive(JSON.parse(kv.value) as Owner)) return false;
+  return (await store.get(kv.key))?.modRevision === kv.modRevision;
 }

@@ -4,39 +4,28 @@
  * Store -> kernel: operations whose owner died are finished or undone (sandboxes, networks,
  * endpoints, via their pending markers); sandboxes whose namespace vanished (reboot, a
  * container that exited) lose their endpoints; every ready network's kernel objects are
- * re-ensured; the firewall is rebuilt.
+ * re-ensured; host port claims that no sandbox lists are dropped; the firewall (published
+ * ports included) is rebuilt.
  * Kernel -> store: links in this namespace carrying knit's alias (`knit:<id>`) that belong to
  * no network or endpoint in the store are deleted.
  */
 import { existsSync } from "node:fs";
-import { listJson, getJson } from "../store/store.ts";
-import { keys, type Network, type Owner, type Sandbox } from "../model.ts";
+import { listJson } from "../store/store.ts";
+import { keys, type Network, type Sandbox } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { toPool } from "../ipam/ipam.ts";
 import { ip, listLinks } from "../kernel/ip.ts";
 import type { Engine } from "./engine.ts";
-import { ownerAlive } from "./owner.ts";
 import { disconnectSandbox, dropExternalIfUnused, listMemberships, repairNetworkEndpoints } from "./endpoints.ts";
-import { finishNetworkRemoval, syncFirewall } from "./networks.ts";
+import { repairNetworks, syncFirewall } from "./networks.ts";
 import { repairSandboxes, teardownSandbox } from "./sandboxes.ts";
+import { dropOrphanClaims } from "../ports/claims.ts";
 
 export interface ReconcileReport {
   sandboxes: number;
   networks: number;
   endpoints: number;
   orphanLinks: string[];
-}
-
-async function repairNetworks(engine: Engine): Promise<number> {
-  let n = 0;
-  for (const kv of (await engine.store.list(keys.pendingNetworks())).items) {
-    if (ownerAlive(JSON.parse(kv.value) as Owner)) continue;
-    const net = await getJson<Network>(engine.store, keys.network(kv.key.slice(keys.pendingNetworks().length)));
-    if (net) await finishNetworkRemoval(engine, net);
-    else await engine.store.delete(kv.key);
-    n++;
-  }
-  return n;
 }
 
 /** Sandboxes whose namespace is gone: knit's are removed, external ones lose their endpoints. */
@@ -80,6 +69,7 @@ export async function reconcile(engine: Engine): Promise<ReconcileReport> {
     if (net.state === "ready" && !dormant) await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));
   }
   const orphanLinks = await deleteOrphanLinks(engine);
+  await dropOrphanClaims(engine);
   await syncFirewall(engine);
   return { sandboxes, networks, endpoints, orphanLinks };
 }

@@ -13,16 +13,18 @@ import { hostname as hostHostname } from "node:os";
 import { join } from "node:path";
 import { conflict, invalid, runAll } from "../errors.ts";
 import { absent, getJson, listJson, putJson } from "../store/store.ts";
-import { keys, type Endpoint, type Network, type Owner, type PortMapping, type Sandbox } from "../model.ts";
+import { keys, type Endpoint, type Network, type PortMapping, type Sandbox } from "../model.ts";
 import { createNetns, deleteNetns } from "../kernel/ip.ts";
 import { NETNS_DIR } from "../kernel/exec.ts";
 import { checkName, getNetwork, getSandbox, newId, retryTxn, sandboxDir, type Engine } from "./engine.ts";
 import { connectSandbox, disconnectSandbox, listMemberships } from "./endpoints.ts";
-import { currentOwner, ownerAlive, processAlive, processStartTime } from "./owner.ts";
+import { abandoned, currentOwner, processAlive, processStartTime } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { syncFirewall } from "./networks.ts";
 import { planClaims, releaseClaims, type ResolvedRequest } from "../ports/claims.ts";
-import { flushUdpFlows, resolvePortRequests } from "../ports/publish.ts";
+import { flushUdpFlows, hairpinPortEndpoints, resolvePortRequests } from "../ports/publish.ts";
+import { checkDnsSettings, renderSandboxResolvConf, servesDns } from "../dns/resolvconf.ts";
+import { ensureAgent } from "../agent/autostart.ts";
 
 export interface RunRequest {
   name?: string;
@@ -36,6 +38,8 @@ export interface RunRequest {
   autoRemove?: boolean;
   /** `-p` values: ports to publish from the host to the sandbox's first network. */
   publish?: readonly string[];
+  /** `--dns`, `--dns-search`, `--dns-option`. */
+  dns?: { servers?: readonly string[]; search?: readonly string[]; options?: readonly string[] };
   command: readonly string[];
 }
 
@@ -53,20 +57,6 @@ export function sandboxStatus(sb: Sandbox): "created" | "running" | "exited" | "
  */
 const INIT = 'hostname "$1" && mount --bind "$2" /etc/hosts && mount --bind "$3" /etc/resolv.conf && shift 3 && exec "$@"';
 
-/** Resolver lines of the host, without loopback servers (unreachable from a namespace). */
-function sandboxResolvConf(): string {
-  let text = "";
-  try {
-    text = readFileSync("/etc/resolv.conf", "utf8");
-  } catch {
-    return "";
-  }
-  return text
-    .split("\n")
-    .filter((l) => !/^\s*nameserver\s+(127\.|::1\b)/.test(l))
-    .join("\n");
-}
-
 function hostsFile(sb: Sandbox, endpoints: readonly Endpoint[]): string {
   const lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"];
   for (const ep of endpoints) {
@@ -76,13 +66,13 @@ function hostsFile(sb: Sandbox, endpoints: readonly Endpoint[]): string {
 }
 
 /** Write hostname, hosts and resolv.conf for a sandbox; returns their paths. */
-function writeSandboxFiles(engine: Engine, sb: Sandbox, endpoints: readonly Endpoint[]): { hosts: string; resolv: string } {
+function writeSandboxFiles(engine: Engine, sb: Sandbox, endpoints: readonly Endpoint[], nets: readonly Network[]): { hosts: string; resolv: string } {
   const dir = sandboxDir(engine, sb.id);
   const hosts = join(dir, "hosts");
   const resolv = join(dir, "resolv.conf");
   if (sb.netnsPath === "host") copyFileSync("/etc/hosts", hosts);
   else writeFileSync(hosts, hostsFile(sb, endpoints));
-  writeFileSync(resolv, sandboxResolvConf());
+  writeFileSync(resolv, renderSandboxResolvConf(sb, nets));
   writeFileSync(join(dir, "hostname"), sb.hostname + "\n");
   return { hosts, resolv };
 }
@@ -154,6 +144,7 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
   // A run or rm that crashed must not hold its name or addresses: finish it first.
   await repairSandboxes(engine).catch(() => undefined);
   const nets = await validateRun(engine, req);
+  const dns = req.dns ? checkDnsSettings(req.dns) : undefined;
   const portRequests = resolvePortRequests(req.publish ?? [], nets[0]);
   const id = newId();
   const mode = nets[0]?.driver === "host" ? "host" : nets[0]?.driver === "null" ? "none" : "bridge";
@@ -173,6 +164,7 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
     labels: {},
   };
   if (mode !== "host") sb.netnsName = `knit-${id.slice(0, 12)}`;
+  if (dns && (dns.servers.length || dns.search.length || dns.options.length)) sb.dns = dns;
   sb = await recordSandbox(engine, sb, portRequests);
   try {
     faultPoint("run:after-record");
@@ -185,8 +177,11 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
       endpoints.push(await connectSandbox(engine, net.id, sb, opts));
     }
     faultPoint("run:after-connect");
+    // Names resolve from the command's first instruction on: the DNS agent must run.
+    if (nets.some(servesDns)) await ensureAgent(engine);
+    await hairpinPortEndpoints(endpoints, sb.ports ?? []);
     await refreshPortRules(engine, sb.ports ?? []);
-    const files = writeSandboxFiles(engine, sb, endpoints);
+    const files = writeSandboxFiles(engine, sb, endpoints, nets);
     const { proc, pid } = await spawnSandbox(engine, sb, files, req.detach ?? false);
     sb = { ...sb, state: "ready", pid };
     const start = processStartTime(pid);
@@ -296,7 +291,7 @@ export async function execInSandbox(engine: Engine, ref: string, command: readon
 export async function repairSandboxes(engine: Engine): Promise<number> {
   let repaired = 0;
   for (const kv of (await engine.store.list(keys.pendingSandboxes())).items) {
-    if (ownerAlive(JSON.parse(kv.value) as Owner)) continue;
+    if (!(await abandoned(engine.store, kv))) continue;
     const sb = await getJson<Sandbox>(engine.store, keys.sandbox(kv.key.slice(keys.pendingSandboxes().length)));
     if (sb) await teardownSandbox(engine, { ...sb, state: "deleting" });
     else await engine.store.delete(kv.key);

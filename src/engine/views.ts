@@ -8,6 +8,7 @@ import { listEndpoints, listMemberships } from "./endpoints.ts";
 import { sandboxStatus } from "./sandboxes.ts";
 import type { Engine } from "./engine.ts";
 import { drivers } from "../drivers/registry.ts";
+import { portBindingsView, portsView } from "../ports/view.ts";
 
 /** Docker's `network inspect` object. */
 export interface NetworkView {
@@ -108,7 +109,14 @@ export async function sandboxView(engine: Engine, sb: Sandbox) {
     Kind: sb.kind,
     State: { Status: status, Running: status === "running", Pid: status === "running" ? (sb.pid ?? 0) : 0 },
     Config: { Hostname: sb.hostname, Cmd: sb.command, Labels: sb.labels },
-    HostConfig: { NetworkMode: sb.networkMode, AutoRemove: sb.autoRemove },
-    NetworkSettings: { SandboxKey: sb.netnsPath, Networks: networks },
+    HostConfig: {
+      NetworkMode: sb.networkMode,
+      AutoRemove: sb.autoRemove,
+      PortBindings: portBindingsView(sb.ports ?? []),
+      Dns: sb.dns?.servers ?? [],
+      DnsSearch: sb.dns?.search ?? [],
+      DnsOptions: sb.dns?.options ?? [],
+    },
+    NetworkSettings: { SandboxKey: sb.netnsPath, Ports: portsView(sb.ports ?? []), Networks: networks },
   };
 }

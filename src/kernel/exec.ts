@@ -39,6 +39,12 @@ export interface RunOptions {
 /** Count of commands spawned, for benchmarks that report where time goes. */
 export const execStats = { spawns: 0, millis: 0 };
 
+/**
+ * With KNIT_TRACE=1, every command run (argv without the namespace prefix, shortened) and its
+ * milliseconds, for the CLI's trace at exit (src/cli/main.ts). Undefined otherwise.
+ */
+export const execTrace: { argv: string; ms: number }[] | undefined = process.env.KNIT_TRACE === "1" ? [] : undefined;
+
 /** Run one command and collect its output; a non-zero exit throws a KnitError("kernel"). */
 export async function run(argv: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   const full = opts.netns ? ["nsenter", `--net=${opts.netns.path}`, "--", ...argv] : [...argv];
@@ -61,8 +67,10 @@ export async function run(argv: readonly string[], opts: RunOptions = {}): Promi
     new Response(proc.stderr).text(),
     proc.exited,
   ]);
+  const ms = performance.now() - started;
   execStats.spawns++;
-  execStats.millis += performance.now() - started;
+  execStats.millis += ms;
+  execTrace?.push({ argv: argv.slice(0, 4).join(" "), ms });
   if (code !== 0 && !opts.allowFailure) {
     const shown = full.join(" ");
     const input = opts.stdin ? `\n${opts.stdin.trimEnd()}` : "";

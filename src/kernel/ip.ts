@@ -3,6 +3,7 @@
  * one endpoint costs one process per namespace; reads use `ip -j` and are parsed into types.
  */
 import { existsSync } from "node:fs";
+import { KnitError } from "../errors.ts";
 import { run, runJson, netnsName, type Netns, NETNS_DIR } from "./exec.ts";
 
 /** The subset of `ip -j link` that knit reads. */
@@ -33,6 +34,8 @@ export interface RouteInfo {
   scope?: string;
   prefsrc?: string;
   type?: string;
+  /** The routing table, when it is not the main one (in `table all` listings). */
+  table?: string;
 }
 
 /** `ip` argv prefix for a namespace (`-n NAME`) or the current one. */
@@ -73,10 +76,26 @@ export async function getLink(name: string, ns?: Netns): Promise<LinkInfo | unde
 
 export const listAddrs = (ns?: Netns): Promise<AddrInfo[]> => ipJson<AddrInfo>(["addr", "show"], ns);
 
-/** All routes of both families in the main table. */
+/**
+ * Delete a link: true when it was deleted, false when no link has that name (already gone is
+ * fine). One process, without looking the link up first.
+ */
+export async function deleteLink(name: string, ns?: Netns): Promise<boolean> {
+  const { argv, netns } = ipArgv(ns, "link", "del", "dev", name);
+  const res = await run(argv, { allowFailure: true, ...(netns ? { netns } : {}) });
+  if (res.code === 0) return true;
+  if (/Cannot find device/.test(res.stderr)) return false;
+  throw new KnitError("kernel", `${argv.join(" ")} failed (exit ${res.code}): ${res.stderr.trim() || res.stdout.trim()}`);
+}
+
+/**
+ * All routes of both families in the main table, in one process: `route show table all`
+ * dumps both families (`-4`/`-6` would take one process each) and names the table of every
+ * route outside the main one.
+ */
 export async function listRoutes(ns?: Netns): Promise<RouteInfo[]> {
-  const [v4, v6] = await Promise.all([ipJson<RouteInfo>(["-4", "route", "show"], ns), ipJson<RouteInfo>(["-6", "route", "show"], ns)]);
-  return [...v4, ...v6];
+  const all = await ipJson<RouteInfo>(["route", "show", "table", "all"], ns);
+  return all.filter((r) => r.table === undefined || r.table === "main");
 }
 
 /** Quote a token for `ip -batch` input (which splits on white space and honours quotes). */

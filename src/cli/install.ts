@@ -1,0 +1,110 @@
+/**
+ * `knit install`: put knit's CNI plugins into a CNI bin dir (default /opt/cni/bin), where
+ * runtimes (podman, containerd, cri-o, libcni) look executables up by the configuration's
+ * `type`.
+ *
+ * What lands there: `knit-cni`, a small launcher holding the absolute paths of this knit's
+ * Bun and src/cni/main.ts, and `knit`, `knit-ipam`, `knit-portmap` as links to it in the
+ * same directory (one multi-call executable; see src/cni/main.ts). Every file is written
+ * under a temporary name and renamed into place, so a runtime never runs half a file, and
+ * an install over an older one is an upgrade. Files of the same names that are not knit's
+ * are left alone unless --force. Finally each plugin is asked for VERSION, so a broken
+ * install is reported here and not at the first container start.
+ */
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { KnitError, invalid } from "../errors.ts";
+import { defineCommand, parseArgs, renderHelp } from "./args.ts";
+import type { CommandContext } from "./context.ts";
+
+export const DEFAULT_CNI_BIN_DIR = "/opt/cni/bin";
+/** The multi-call launcher, and the plugin names linked to it. */
+export const LAUNCHER = "knit-cni";
+export const PLUGIN_LINKS = ["knit", "knit-ipam", "knit-portmap"] as const;
+const MARK = "# knit CNI plugins";
+
+const spec = defineCommand({
+  name: "install",
+  usage: "[OPTIONS]",
+  summary: "Install knit's CNI plugins (knit, knit-ipam, knit-portmap) into a CNI bin dir",
+  args: { max: 0 },
+  flags: [
+    { name: "cni-bin-dir", kind: "string", default: DEFAULT_CNI_BIN_DIR, placeholder: "DIR", help: "Directory runtimes load CNI plugins from" },
+    { name: "force", short: "f", kind: "bool", help: "Replace files of the same names that are not knit's" },
+  ],
+});
+
+/** Quote a path for sh (single quotes). */
+const shQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
+
+/** The launcher's text: the plugin name is the name it is started by. */
+export function launcherScript(bun: string, main: string): string {
+  return [
+    "#!/bin/sh",
+    `${MARK} (multi-call: knit, knit-ipam, knit-portmap are links to this file). Installed by \`knit install\`.`,
+    `exec ${shQuote(bun)} ${shQuote(main)} --plugin "\${0##*/}"`,
+    "",
+  ].join("\n");
+}
+
+/** True when `path` is (or links to) something knit installed, or is absent. */
+function ours(path: string): boolean {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return true;
+  }
+  if (st.isSymbolicLink()) return readlinkSync(path) === LAUNCHER;
+  if (!st.isFile()) return false;
+  try {
+    return readFileSync(path, "utf8").split("\n", 2)[1]?.startsWith(MARK) === true;
+  } catch {
+    return false;
+  }
+}
+
+/** Install into `dir`; returns the paths written. */
+export async function installPlugins(dir: string, opts: { force?: boolean; root?: string } = {}): Promise<string[]> {
+  const root = resolve(opts.root ?? process.env.KNIT_ROOT ?? join(import.meta.dir, "..", ".."));
+  const main = join(root, "src", "cni", "main.ts");
+  if (!existsSync(main)) throw new KnitError("io", `cannot find knit's CNI entry point ${main}`);
+  const bun = realpathSync(process.execPath);
+  mkdirSync(dir, { recursive: true });
+  const targets = [LAUNCHER, ...PLUGIN_LINKS].map((n) => join(dir, n));
+  const foreign = targets.filter((t) => !ours(t));
+  if (foreign.length && !opts.force) {
+    throw new KnitError("conflict", `${foreign.join(", ")} ${foreign.length > 1 ? "exist and are" : "exists and is"} not knit's`, { hint: "move them away, or replace them with knit install --force" });
+  }
+  const tmp = `.knit-install-${process.pid}`;
+  const launcher = join(dir, LAUNCHER);
+  writeFileSync(join(dir, tmp), launcherScript(bun, main), { mode: 0o755 });
+  chmodSync(join(dir, tmp), 0o755);
+  renameSync(join(dir, tmp), launcher);
+  for (const name of PLUGIN_LINKS) {
+    rmSync(join(dir, tmp), { force: true });
+    symlinkSync(LAUNCHER, join(dir, tmp));
+    renameSync(join(dir, tmp), join(dir, name));
+  }
+  for (const name of PLUGIN_LINKS) await verify(join(dir, name));
+  return targets;
+}
+
+/** Ask an installed plugin for VERSION. */
+async function verify(file: string): Promise<void> {
+  const proc = Bun.spawn([file], { env: { ...process.env, CNI_COMMAND: "VERSION" }, stdin: new TextEncoder().encode('{"cniVersion":"1.1.0"}'), stdout: "pipe", stderr: "pipe" });
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  if (code !== 0 || !out.includes("supportedVersions")) {
+    throw new KnitError("io", `the installed plugin ${file} does not answer VERSION (exit ${code}): ${(err || out).trim()}`);
+  }
+}
+
+export async function installMain(ctx: CommandContext, args: readonly string[]): Promise<number> {
+  const a = parseArgs(spec, args);
+  if (a.help) return ctx.help(spec);
+  const dir = a.flags["cni-bin-dir"];
+  if (dir === "") throw invalid("--cni-bin-dir needs a directory", renderHelp(spec));
+  const written = await installPlugins(resolve(dir), { force: a.flags.force });
+  for (const path of written) ctx.out(`${path}\n`);
+  return 0;
+}
