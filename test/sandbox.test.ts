@@ -238,7 +238,9 @@ describe("knit sandboxes on a lab host", () => {
     expect(hosts.split("\n")).toContain(`${ip}\tweb.local`);
     expect(hosts).toContain("127.0.0.1\tlocalhost");
     const resolv = (await h1.knitOk(["exec", "named", "cat", "/etc/resolv.conf"])).stdout;
-    expect(resolv).toContain("nameserver 192.0.2.53");
+    // A user network: knit's DNS on the network's gateway, the host's search list kept.
+    expect(resolv).toContain(`nameserver ${s.view.NetworkSettings.Networks["names"]?.Gateway ?? "?"}`);
+    expect(resolv).not.toContain("nameserver 192.0.2.53");
     expect(resolv).toContain("search lab.example");
     expect(resolv).not.toContain("127.0.0.53");
     // Both files are mounts of the sandbox's own copies, in its own mount namespace only.

@@ -3,24 +3,30 @@
  * runtimes (podman, containerd, cri-o, libcni) look executables up by the configuration's
  * `type`.
  *
- * What lands there: `knit-cni`, a small launcher holding the absolute paths of this knit's
- * Bun and src/cni/main.ts, and `knit`, `knit-ipam`, `knit-portmap` as links to it in the
- * same directory (one multi-call executable; see src/cni/main.ts). Every file is written
- * under a temporary name and renamed into place, so a runtime never runs half a file, and
- * an install over an older one is an upgrade. Files of the same names that are not knit's
- * are left alone unless --force. Finally each plugin is asked for VERSION, so a broken
- * install is reported here and not at the first container start.
+ * What lands there: `knit-cni.js`, src/cni/main.ts and everything it imports bundled into
+ * one CommonJS file with its bytecode cache (`knit-cni.js.jsc`), so a plugin start parses
+ * nothing and resolves no module; `knit-cni`, a small launcher that runs it with this knit's
+ * Bun; and `knit`, `knit-ipam`, `knit-portmap` as links to the launcher (one multi-call
+ * executable; see src/cni/main.ts). `--from-source` makes the launcher run the sources of
+ * this checkout instead (for development: changes apply without installing again).
+ *
+ * Every file is written under a temporary name and renamed into place, so a runtime never
+ * runs half a file, and an install over an older one is an upgrade. Files of the same names
+ * that are not knit's are left alone unless --force. Finally each plugin is asked for
+ * VERSION, so a broken install is reported here and not at the first container start.
  */
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { KnitError, invalid } from "../errors.ts";
-import { defineCommand, parseArgs, renderHelp } from "./args.ts";
+import { defineCommand, parseArgs } from "./args.ts";
 import type { CommandContext } from "./context.ts";
 
 export const DEFAULT_CNI_BIN_DIR = "/opt/cni/bin";
 /** The multi-call launcher, and the plugin names linked to it. */
 export const LAUNCHER = "knit-cni";
 export const PLUGIN_LINKS = ["knit", "knit-ipam", "knit-portmap"] as const;
+/** The bundle and its bytecode cache, next to the launcher. */
+export const BUNDLE = "knit-cni.js";
 const MARK = "# knit CNI plugins";
 
 const spec = defineCommand({
@@ -31,6 +37,7 @@ const spec = defineCommand({
   flags: [
     { name: "cni-bin-dir", kind: "string", default: DEFAULT_CNI_BIN_DIR, placeholder: "DIR", help: "Directory runtimes load CNI plugins from" },
     { name: "force", short: "f", kind: "bool", help: "Replace files of the same names that are not knit's" },
+    { name: "from-source", kind: "bool", help: "Run this checkout's sources instead of a bundle (development)" },
   ],
 });
 
@@ -64,8 +71,27 @@ function ours(path: string): boolean {
   }
 }
 
+/**
+ * Bundle src/cni/main.ts into `outDir` as `knit-cni.js` + bytecode. Modules of the bundle that
+ * find the checkout through `import.meta.dir` (the agent's auto-start runs src/cli/main.ts)
+ * get the directory the sources were in, which sits at the same depth as every such module.
+ */
+async function buildBundle(main: string, outDir: string): Promise<void> {
+  const res = await Bun.build({
+    entrypoints: [main],
+    outdir: outDir,
+    target: "bun",
+    format: "cjs",
+    bytecode: true,
+    minify: true,
+    naming: "knit-cni.[ext]",
+    define: { "import.meta.dir": JSON.stringify(join(main, "..")) },
+  });
+  if (!res.success) throw new KnitError("io", `cannot bundle ${main}: ${res.logs.map((l) => l.message).join("; ")}`);
+}
+
 /** Install into `dir`; returns the paths written. */
-export async function installPlugins(dir: string, opts: { force?: boolean; root?: string } = {}): Promise<string[]> {
+export async function installPlugins(dir: string, opts: { force?: boolean; root?: string; fromSource?: boolean } = {}): Promise<string[]> {
   const root = resolve(opts.root ?? process.env.KNIT_ROOT ?? join(import.meta.dir, "..", ".."));
   const main = join(root, "src", "cni", "main.ts");
   if (!existsSync(main)) throw new KnitError("io", `cannot find knit's CNI entry point ${main}`);
@@ -78,7 +104,24 @@ export async function installPlugins(dir: string, opts: { force?: boolean; root?
   }
   const tmp = `.knit-install-${process.pid}`;
   const launcher = join(dir, LAUNCHER);
-  writeFileSync(join(dir, tmp), launcherScript(bun, main), { mode: 0o755 });
+  let entry = main;
+  if (opts.fromSource) {
+    for (const f of [BUNDLE, `${BUNDLE}.jsc`]) rmSync(join(dir, f), { force: true });
+  } else {
+    const build = join(dir, `${tmp}.d`);
+    rmSync(build, { recursive: true, force: true });
+    try {
+      await buildBundle(main, build);
+      // Bytecode first: a start between the two renames falls back to parsing the source.
+      renameSync(join(build, `${BUNDLE}.jsc`), join(dir, `${BUNDLE}.jsc`));
+      renameSync(join(build, BUNDLE), join(dir, BUNDLE));
+    } finally {
+      rmSync(build, { recursive: true, force: true });
+    }
+    entry = join(dir, BUNDLE);
+    targets.push(entry, `${entry}.jsc`);
+  }
+  writeFileSync(join(dir, tmp), launcherScript(bun, entry), { mode: 0o755 });
   chmodSync(join(dir, tmp), 0o755);
   renameSync(join(dir, tmp), launcher);
   for (const name of PLUGIN_LINKS) {
@@ -103,8 +146,8 @@ export async function installMain(ctx: CommandContext, args: readonly string[]):
   const a = parseArgs(spec, args);
   if (a.help) return ctx.help(spec);
   const dir = a.flags["cni-bin-dir"];
-  if (dir === "") throw invalid("--cni-bin-dir needs a directory", renderHelp(spec));
-  const written = await installPlugins(resolve(dir), { force: a.flags.force });
+  if (dir === "") throw invalid("--cni-bin-dir needs a directory", `for example --cni-bin-dir ${DEFAULT_CNI_BIN_DIR}`);
+  const written = await installPlugins(resolve(dir), { force: a.flags.force, fromSource: a.flags["from-source"] });
   for (const path of written) ctx.out(`${path}\n`);
   return 0;
 }

@@ -3,8 +3,8 @@
  * scripts/lab-run (a private network + mount namespace) unless already inside one, builds a
  * host on a LAN behind a router with an "internet", and drives the real `knit` CLI on it:
  * two bridge networks, sandboxes on each, traffic inside a network, isolation across
- * networks, masquerade to the internet. Every claim is checked; the exit code says whether
- * all held.
+ * networks, masquerade to the internet, names resolved by knit's DNS. Every claim is checked;
+ * the exit code says whether all held.
  */
 import { join } from "node:path";
 import { stdoutIsTty, writeOut } from "../cli/output.ts";
@@ -39,6 +39,12 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     const host = await lab.host("host");
     await lab.plug(host, lan, { ifname: "eth0", addresses: ["10.0.0.2/24"] });
     await lab.router("rtr", [{ lan, addresses: ["10.0.0.1/24"] }], { internet: true });
+    // The host's resolver, for names knit does not know: a tiny DNS server on the lab's
+    // internet (never a real resolver). knit reads it instead of /etc/resolv.conf.
+    const resolver = (await lab.internet()).spawn([process.execPath, join(REPO_ROOT, "src", "dns", "stub-server.ts"), "--listen", INTERNET.server4, "--answer", `example.test=${INTERNET.server4}`, "--quiet"]);
+    process.env.KNIT_RESOLV_CONF = join(lab.dir, "resolv.conf");
+    await Bun.write(process.env.KNIT_RESOLV_CONF, `nameserver ${INTERNET.server4}\n`);
+    for (let i = 0; i < 250 && !resolver.output().includes("ready"); i++) await Bun.sleep(20);
 
     await knit(host, ["network", "create", "--subnet", "10.10.1.0/24", "front"]);
     await knit(host, ["network", "create", "--subnet", "10.10.2.0/24", "--opt", "com.docker.network.bridge.name=br-back", "back"]);
@@ -56,6 +62,11 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     await check(`web -> db ${db} (network "back": isolated)`, false, ping("web", db));
     await check(`web -> internet ${INTERNET.server4} (masquerade through the host)`, true, ping("web", INTERNET.server4));
     await check(`db -> internet ${INTERNET.server4}`, true, ping("db", INTERNET.server4));
+
+    writeOut(`\n${bold("Names (knit's DNS, served by the knit agent on each user network's gateway):")}\n`);
+    await check(`web -> "api" by name (same network)`, true, ping("web", "api"));
+    await check(`web -> "db" by name (network "back": the name is not visible)`, false, ping("web", "db"));
+    await check(`web -> "example.test" (forwarded to the host's resolver)`, true, ping("web", "example.test"));
 
     await knit(host, ["network", "ls"]);
     await knit(host, ["network", "inspect", "front"]);

@@ -1,0 +1,221 @@
+/**
+ * `knit agent`: the long-running process of a host. Today it serves DNS to the sandboxes of
+ * user-defined networks; the cluster sync and the Docker plugin will live here too.
+ *
+ * Start-up, in this order:
+ *   1. claim the host in the store (one agent per host; a dead holder is taken over);
+ *   2. load the name table (list) and follow the store (watch), see src/dns/mirror.ts;
+ *   3. listen on every served network's gateway, port 53, UDP and TCP: names resolve now;
+ *   4. open the status socket (`knit agent status`);
+ *   5. reconcile store and kernel (`knit gc`), as after a crash or a reboot;
+ *   6. write agent.pid: from now on `knit run` finds it without asking.
+ * DNS comes before reconcile so that a restarted agent answers within a second of its
+ * start; agent.pid comes last so that whoever started it (auto-start) waits until the
+ * repairs are done and cannot race them.
+ *
+ * Nothing the agent holds is needed to keep traffic flowing: links, addresses and firewall
+ * rules are kernel state. Killing it (even with -9) stops name resolution until it is
+ * started again, and loses nothing: the store is the truth, the agent only mirrors it.
+ */
+import { type Engine } from "../engine/engine.ts";
+import { currentOwner } from "../engine/owner.ts";
+import { reconcile, type ReconcileReport } from "../engine/reconcile.ts";
+import { openSqliteStore } from "../store/sqlite.ts";
+import type { Store } from "../store/store.ts";
+import type { AgentClaim } from "../model.ts";
+import { NameTable } from "../dns/table.ts";
+import { StoreMirror } from "../dns/mirror.ts";
+import { Forwarder } from "../dns/forwarder.ts";
+import { Resolver } from "../dns/resolver.ts";
+import { DnsServer } from "../dns/server.ts";
+import { hostUpstreams } from "../dns/resolvconf.ts";
+import { claimAgent, releaseAgent } from "./claim.ts";
+import { agentPaths, removeAgentRecord, writeAgentRecord } from "./pidfile.ts";
+import { serveStatus } from "./status.ts";
+import { jsonLogger, type LogLevel, type Logger } from "./log.ts";
+
+/** How `knit agent` was asked to run. */
+export interface AgentOptions {
+  stateDir: string;
+  /** "auto" when started on demand (stopped again when idle), else "service". */
+  mode: AgentClaim["mode"];
+  /** How long each upstream DNS server gets to answer, in milliseconds. */
+  dnsTimeoutMs: number;
+  logLevel: LogLevel;
+  /** Port the DNS server listens on (53). */
+  dnsPort?: number;
+}
+
+/** Default time an upstream gets: three of them still answer within glibc's 5 s timeout. */
+export const DEFAULT_DNS_TIMEOUT_MS = 1500;
+/** How often addresses that could not be bound are tried again. */
+const REBIND_MS = 500;
+
+/** Run the agent until SIGTERM or SIGINT; returns the process exit code. */
+export async function runAgent(opts: AgentOptions): Promise<number> {
+  const log = jsonLogger(opts.logLevel);
+  const stopSignal = new Promise<string>((resolve) => {
+    for (const sig of ["SIGTERM", "SIGINT"] as const) process.on(sig, () => resolve(sig));
+  });
+  let store: Store;
+  try {
+    store = await openSqliteStore(opts.stateDir);
+  } catch (err) {
+    log.error("cannot open the store", { err, stateDir: opts.stateDir });
+    return 1;
+  }
+  const me: AgentClaim = { ...currentOwner(), mode: opts.mode };
+  try {
+    const claim = await claimAgent(store, me);
+    if (!claim.ok) {
+      log.info("another agent already serves this host", { pid: claim.holder.pid, mode: claim.holder.mode });
+      await store.close();
+      return opts.mode === "auto" ? 0 : 1;
+    }
+  } catch (err) {
+    log.error("cannot claim the host", { err });
+    await store.close();
+    return 1;
+  }
+  const agent = new Agent({ store, stateDir: opts.stateDir }, me, opts, log);
+  try {
+    await agent.start();
+  } catch (err) {
+    log.error("start failed", { err });
+    await agent.stop();
+    return 1;
+  }
+  const signal = await stopSignal;
+  log.info("stopping", { signal });
+  await agent.stop();
+  log.info("stopped");
+  return 0;
+}
+
+/** The health `knit agent status` prints. */
+export interface AgentHealth {
+  status: "starting" | "ok" | "degraded";
+  pid: number;
+  mode: AgentClaim["mode"];
+  started: string;
+  uptimeSeconds: number;
+  store: { describe: string; revision: number; relists: number };
+  reconcile: { state: "pending" | "done" | "failed"; report?: ReconcileReport; error?: string };
+  dns: {
+    networks: { id: string; name: string; addresses: readonly string[]; internal: boolean }[];
+    listeners: ReturnType<DnsServer["status"]>;
+    names: number;
+    hostUpstreams: readonly string[];
+    timeoutMs: number;
+    queries: Resolver["stats"];
+    upstream: Forwarder["stats"] & { inFlight: number };
+  };
+}
+
+class Agent {
+  private readonly table = new NameTable();
+  private readonly forwarder: Forwarder;
+  private readonly resolver: Resolver;
+  private readonly server: DnsServer;
+  private readonly mirror: StoreMirror;
+  private readonly started = new Date();
+  private readonly paths: ReturnType<typeof agentPaths>;
+  private status: { stop(): Promise<void> } | undefined;
+  private rebind: ReturnType<typeof setTimeout> | undefined;
+  private reconciled: AgentHealth["reconcile"] = { state: "pending" };
+  private ready = false;
+  private listening: Promise<void> = Promise.resolve();
+  private stopping = false;
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly me: AgentClaim,
+    private readonly opts: AgentOptions,
+    private readonly log: Logger,
+  ) {
+    this.paths = agentPaths(engine.stateDir);
+    this.forwarder = new Forwarder({ timeoutMs: opts.dnsTimeoutMs });
+    this.resolver = new Resolver(this.table, this.forwarder, hostUpstreams);
+    this.server = new DnsServer(this.resolver, {
+      ...(opts.dnsPort === undefined ? {} : { port: opts.dnsPort }),
+      onError: (what, err, fields) => log.warn(`dns: ${what}`, { ...fields, err }),
+    });
+    this.mirror = new StoreMirror(engine.store, this.table, {
+      onChange: () => void this.listen(),
+      onError: (err) => log.warn("store watch broke; listing again", { err }),
+    });
+  }
+
+  async start(): Promise<void> {
+    this.log.info("starting", { pid: this.me.pid, mode: this.me.mode, store: this.engine.store.describe });
+    await this.mirror.start();
+    await this.listen();
+    this.status = serveStatus(this.paths.socket, () => this.health());
+    try {
+      const report = await reconcile(this.engine);
+      this.reconciled = { state: "done", report };
+      this.log.info("reconciled", { ...report });
+    } catch (err) {
+      this.reconciled = { state: "failed", error: err instanceof Error ? err.message : String(err) };
+      this.log.error("reconcile failed", { err });
+    }
+    writeAgentRecord(this.engine.stateDir, { ...this.me, socket: this.paths.socket, started: this.started.toISOString() });
+    this.ready = true;
+    this.log.info("ready", { networks: this.table.servedNetworks().length, names: this.table.size, revision: this.mirror.revision });
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    clearTimeout(this.rebind);
+    this.mirror.close();
+    await this.server.close();
+    this.forwarder.close();
+    await this.status?.stop().catch(() => undefined);
+    removeAgentRecord(this.engine.stateDir, this.me.pid);
+    await releaseAgent(this.engine.store, this.me).catch((err: unknown) => this.log.warn("cannot release the claim", { err }));
+    await this.engine.store.close();
+  }
+
+  /** Listen on exactly the served networks' gateways; retry what cannot be bound yet. */
+  private listen(): Promise<void> {
+    this.listening = this.listening.then(() => this.listenOnce());
+    return this.listening;
+  }
+
+  private async listenOnce(): Promise<void> {
+    if (this.stopping) return;
+    const wanted = new Map<string, string>();
+    for (const net of this.table.servedNetworks()) for (const a of net.addresses) wanted.set(a, net.id);
+    const before = new Set(this.server.status().filter((l) => l.udp && l.tcp).map((l) => l.address));
+    await this.server.sync(wanted);
+    const after = this.server.status();
+    for (const l of after) if (l.udp && l.tcp && !before.has(l.address)) this.log.info("dns listening", { address: l.address, network: l.network });
+    for (const a of before) if (!wanted.has(a)) this.log.info("dns stopped listening", { address: a });
+    clearTimeout(this.rebind);
+    if (this.server.incomplete && !this.stopping) this.rebind = setTimeout(() => void this.listen(), REBIND_MS);
+  }
+
+  private health(): AgentHealth {
+    const listeners = this.server.status();
+    const bound = listeners.every((l) => l.udp && l.tcp);
+    return {
+      status: !this.ready ? "starting" : bound && this.reconciled.state === "done" ? "ok" : "degraded",
+      pid: this.me.pid,
+      mode: this.me.mode,
+      started: this.started.toISOString(),
+      uptimeSeconds: Math.round((Date.now() - this.started.getTime()) / 100) / 10,
+      store: { describe: this.engine.store.describe, revision: this.mirror.revision, relists: this.mirror.relists },
+      reconcile: this.reconciled,
+      dns: {
+        networks: this.table.servedNetworks().map((n) => ({ id: n.id, name: n.name, addresses: n.addresses, internal: n.internal })),
+        listeners,
+        names: this.table.size,
+        hostUpstreams: hostUpstreams(),
+        timeoutMs: this.opts.dnsTimeoutMs,
+        queries: { ...this.resolver.stats },
+        upstream: { ...this.forwarder.stats, inFlight: this.forwarder.inFlight },
+      },
+    };
+  }
+}

@@ -1,0 +1,111 @@
+/**
+ * Starting the agent on demand, as podman starts aardvark-dns: the first sandbox that joins
+ * a network with knit DNS starts it, and when the last such sandbox is gone an agent that
+ * was started this way is stopped again. An agent started on purpose (`knit agent`,
+ * `knit agent start`, a systemd unit) is never stopped by this.
+ *
+ * The check on the hot path costs one file read and one /proc read (see pidfile.ts). When
+ * no agent runs, `bun src/cli/main.ts agent --auto` is spawned in a new session (setsid),
+ * its output appended to `<state dir>/agent.log`, and the caller waits until agent.pid names
+ * a live process (bounded). Two callers that race both spawn one; the store claim lets one
+ * win and the other exits at once.
+ *
+ * KNIT_AGENT_AUTOSTART=0 turns this off (then run `knit agent` yourself, or install it as a
+ * service).
+ */
+import { closeSync, openSync } from "node:fs";
+import { join } from "node:path";
+import { KnitError } from "../errors.ts";
+import { listJson } from "../store/store.ts";
+import { keys, type Endpoint, type Network } from "../model.ts";
+import type { Engine } from "../engine/engine.ts";
+import { refreshSandboxResolvConfs, servesDns } from "../dns/resolvconf.ts";
+import { agentPaths, liveAgent, stopAgentProcess, type AgentRecord } from "./pidfile.ts";
+
+/** How long a caller waits for a spawned agent to be ready. */
+const START_TIMEOUT_MS = 10_000;
+/** The CLI entry point the agent is started with. */
+const MAIN = join(import.meta.dir, "..", "cli", "main.ts");
+
+const autostartEnabled = (): boolean => process.env.KNIT_AGENT_AUTOSTART !== "0";
+
+/** True when some ready endpoint sits on a network with knit DNS. */
+export async function agentNeeded(engine: Engine): Promise<boolean> {
+  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+    if (!servesDns(net)) continue;
+    const eps = await listJson<Endpoint>(engine.store, keys.endpointsOf(net.id));
+    if (eps.some((ep) => ep.state === "ready")) return true;
+  }
+  return false;
+}
+
+/** Make sure an agent runs for this state directory, starting one (mode "auto") if not. */
+export async function ensureAgent(engine: Engine): Promise<void> {
+  if (!autostartEnabled() || liveAgent(engine.stateDir)) return;
+  await startAgent(engine.stateDir, "auto");
+}
+
+/**
+ * Start a detached agent unless one runs, and wait until it is ready. Returns the running
+ * agent (which may be another starter's).
+ */
+export async function startAgent(stateDir: string, mode: AgentRecord["mode"], extraArgs: readonly string[] = []): Promise<AgentRecord> {
+  const running = liveAgent(stateDir);
+  if (running) return running;
+  const { log } = agentPaths(stateDir);
+  const env: Record<string, string | undefined> = { ...process.env };
+  // Fault injection is for the command under test, never for the agent it starts.
+  delete env.KNIT_CRASH_AT;
+  delete env.KNIT_FAIL_AT;
+  const argv = [process.execPath, MAIN, "--state-dir", stateDir, "agent", ...(mode === "auto" ? ["--auto"] : []), ...extraArgs];
+  const fd = openSync(log, "a");
+  let exitedAt = 0;
+  try {
+    const proc = Bun.spawn(argv, { stdin: "ignore", stdout: fd, stderr: fd, env, cwd: "/", detached: true });
+    proc.unref();
+    void proc.exited.then(() => {
+      exitedAt = Date.now();
+    });
+  } finally {
+    closeSync(fd);
+  }
+  // Ours may exit at once because another agent holds the host: give that one a moment.
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  for (;;) {
+    const rec = liveAgent(stateDir);
+    if (rec) return rec;
+    if (Date.now() > deadline || (exitedAt > 0 && Date.now() - exitedAt > 3000)) break;
+    await Bun.sleep(10);
+  }
+  throw new KnitError("io", exitedAt ? "the knit agent exited at start" : `the knit agent did not start within ${START_TIMEOUT_MS / 1000} s`, {
+    hint: `see its log, ${log}; or set KNIT_AGENT_AUTOSTART=0 and run \`knit agent\` yourself`,
+  });
+}
+
+/**
+ * After a command that may have removed endpoints: stop an auto-started agent that no
+ * sandbox needs any more. If a sandbox appeared meanwhile (another command raced this one),
+ * start it again.
+ */
+export async function stopIdleAgent(engine: Engine): Promise<void> {
+  const rec = liveAgent(engine.stateDir);
+  if (!rec || rec.mode !== "auto" || (await agentNeeded(engine))) return;
+  await stopAgentProcess(rec);
+  if (await agentNeeded(engine)) await ensureAgent(engine);
+}
+
+/**
+ * The CLI's housekeeping after a command (src/cli/main.ts): after `network connect` or
+ * `disconnect`, running sandboxes get the resolv.conf their networks call for and the agent
+ * is started when now needed; after commands that remove endpoints (`rm`, `run --rm`,
+ * `network disconnect`, `gc`) an idle auto-started agent is stopped.
+ */
+export async function afterCommand(engine: Engine, command: string, sub: string): Promise<void> {
+  const network = command === "network" && (sub === "connect" || sub === "disconnect");
+  if (network) await refreshSandboxResolvConfs(engine);
+  if (command === "network" && sub === "connect") {
+    if (autostartEnabled() && !liveAgent(engine.stateDir) && (await agentNeeded(engine))) await ensureAgent(engine);
+  } else if (network || command === "rm" || command === "run" || command === "gc") {
+    await stopIdleAgent(engine);
+  }
+}
