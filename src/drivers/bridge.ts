@@ -83,6 +83,13 @@ function gatewayAddresses(pools: readonly Pool[]): { cidr: string; family: 4 | 6
   return pools.flatMap((p) => (p.gateway ? [{ cidr: `${formatIp(p.gateway)}/${p.subnet.prefix}`, family: p.subnet.family }] : []));
 }
 
+/** The bridge's MAC: 02:42 and its IPv4 gateway's four bytes (no sandbox has that address), else from the id. */
+function bridgeMac(net: Network, pools: readonly Pool[]): string {
+  const gw4 = pools.find((p) => p.subnet.family === 4 && p.gateway)?.gateway;
+  const bytes = gw4 ? [24n, 16n, 8n, 0n].map((s) => Number((gw4.value >> s) & 255n)) : [0, 2, 4, 6].map((i) => parseInt(net.id.slice(i, i + 2), 16));
+  return ["02", "42", ...bytes.map((b) => b.toString(16).padStart(2, "0"))].join(":");
+}
+
 /** Host-side veth name for an endpoint: "veth" + 7 hex digits of its id, like Docker's. */
 export const hostVethName = (endpointId: string): string => `veth${endpointId.slice(0, 7)}`;
 
@@ -104,7 +111,9 @@ export const bridgeDriver: NetworkDriver = {
   async ensureNetwork(net, pools) {
     const st = bridgeState(net);
     const dev = batchToken(st.bridge);
-    const settle = [`link set dev ${dev} mtu ${st.mtu} alias ${batchToken(knitAlias(net.id))}`];
+    // A fixed MAC: left alone, a bridge takes the lowest MAC of its ports, which changes as
+    // sandboxes come and go and leaves the others with a stale gateway MAC for seconds.
+    const settle = [`link set dev ${dev} mtu ${st.mtu} address ${bridgeMac(net, pools)} alias ${batchToken(knitAlias(net.id))}`];
     // IPv6 on a bridge without DAD: the gateway must answer at once.
     for (const g of gatewayAddresses(pools)) settle.push(`addr replace ${g.cidr} dev ${dev}${g.family === 6 ? " nodad" : ""}`);
     settle.push(`link set dev ${dev} up`);
