@@ -4,14 +4,15 @@
  *
  * Key layout (all under the store's root):
  *   networks/<id>                   Network
- *   names/networks/<name>           network id (uniqueness of names)
+ *   names/<host>/networks/<name>    network id (local networks: names are per host)
+ *   names/global/networks/<name>    network id (global networks: names are cluster-wide)
  *   meta/networks                   bumped on every network create/rm (overlap check is
  *                                   an optimistic transaction on its version)
  *   ipam/<netId>/<address>          endpoint id holding the address (or "gateway"/"aux:<n>")
  *   cursor/<netId>/<family>         last address handed out (where the next search starts)
  *   endpoints/<netId>/<endpointId>  Endpoint
  *   sandboxes/<id>                  Sandbox
- *   names/sandboxes/<name>          sandbox id
+ *   names/<host>/sandboxes/<name>   sandbox id
  *   ifnames/<sandboxId>/<ifname>    endpoint id (one interface name per sandbox)
  *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
  *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
@@ -37,6 +38,8 @@ export type RecordState = "creating" | "ready" | "deleting";
 
 export interface Network {
   id: string;
+  /** The host a local-scope network lives on; absent for global (cluster-wide) networks. */
+  host?: string;
   state: RecordState;
   owner?: Owner;
   name: string;
@@ -101,6 +104,8 @@ export type SandboxKind =
 
 export interface Sandbox {
   id: string;
+  /** The host the sandbox lives on. */
+  host: string;
   name: string;
   kind: SandboxKind;
   hostname: string;
@@ -167,7 +172,8 @@ export type PortClaims = Record<string, string>;
 export const keys = {
   network: (id: string) => `networks/${id}`,
   networks: () => "networks/",
-  networkName: (name: string) => `names/networks/${name}`,
+  /** Name claims: per host for local networks and sandboxes, cluster-wide for global networks. */
+  networkName: (name: string, host: string | undefined) => (host === undefined ? `names/global/networks/${name}` : `names/${host}/networks/${name}`),
   networksMeta: () => "meta/networks",
   ipam: (netId: string, addr: string) => `ipam/${netId}/${addr}`,
   ipamPrefix: (netId: string) => `ipam/${netId}/`,
@@ -178,7 +184,7 @@ export const keys = {
   endpoints: () => "endpoints/",
   sandbox: (id: string) => `sandboxes/${id}`,
   sandboxes: () => "sandboxes/",
-  sandboxName: (name: string) => `names/sandboxes/${name}`,
+  sandboxName: (host: string, name: string) => `names/${host}/sandboxes/${name}`,
   ifname: (sbId: string, ifname: string) => `ifnames/${sbId}/${ifname}`,
   ifnamesOf: (sbId: string) => `ifnames/${sbId}/`,
   member: (sbId: string, netId: string) => `members/${sbId}/${netId}`,

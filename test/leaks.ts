@@ -97,7 +97,9 @@ const PREDEFINED_NETWORKS = new Set(["bridge", "host", "none"]);
 /** Device of the predefined `bridge` network (knit's docker0). */
 export const DEFAULT_BRIDGE_DEVICE = "knit0";
 /** Key prefixes that belong to sandboxes, endpoints or operations under way: none may remain. */
-const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "names/sandboxes/", "members/", "ifnames/", "pending/", "ports/"];
+const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "members/", "ifnames/", "pending/", "ports/"];
+/** Name keys: `names/<host>/networks/<name>`, `names/<host>/sandboxes/<name>`, `names/global/networks/<name>`. */
+const NAME_KEY = /^names\/([^/]+)\/(networks|sandboxes)\/(.+)$/;
 
 /**
  * What a host's knit store holds beyond a clean host's: networks other than the predefined
@@ -129,8 +131,10 @@ export async function findStoreLeaks(host: LabHost): Promise<string[]> {
       const { key, value } = kv;
       if (TRANSIENT_PREFIXES.some((p) => key.startsWith(p))) {
         problems.push(`store: key ${key} left`);
-      } else if (key.startsWith("names/networks/")) {
-        if (!PREDEFINED_NETWORKS.has(key.slice("names/networks/".length)) || !networks.has(value)) problems.push(`store: network name ${key} -> ${value} left`);
+      } else if (NAME_KEY.test(key)) {
+        const [, , kind, name] = NAME_KEY.exec(key) ?? [];
+        if (kind === "sandboxes") problems.push(`store: key ${key} left`);
+        else if (!PREDEFINED_NETWORKS.has(name ?? "") || !networks.has(value)) problems.push(`store: network name ${key} -> ${value} left`);
       } else if (key.startsWith("ipam/") || key.startsWith("cursor/")) {
         const netId = key.split("/")[1] ?? "";
         if (!networks.has(netId)) problems.push(`store: key ${key} of a network that does not exist`);
@@ -160,7 +164,7 @@ async function defaultBridgeTableLeaks(host: LabHost): Promise<string[]> {
   if (existsSync(join(host.stateDir, "knit.db"))) {
     const store = await openSqliteStore(host.stateDir);
     try {
-      bridgeId = (await store.get("names/networks/bridge"))?.value ?? "";
+      bridgeId = (await store.list("names/")).items.find((kv) => kv.key.endsWith("/networks/bridge"))?.value ?? "";
     } finally {
       await store.close();
     }

@@ -134,7 +134,7 @@ async function scrub(): Promise<void> {
 }
 
 /** The networks every test of this file shares (made in beforeAll). */
-const SHARED = /network (front|back) |names\/networks\/(front|back) /;
+const SHARED = /network (front|back) |names\/[^/]+\/networks\/(front|back) /;
 
 afterEach(async () => {
   try {

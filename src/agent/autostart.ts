@@ -13,11 +13,12 @@
  * KNIT_AGENT_AUTOSTART=0 turns this off (then run `knit agent` yourself, or install it as a
  * service).
  */
+import { listNetworks } from "../engine/engine.ts";
 import { closeSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { KnitError } from "../errors.ts";
 import { listJson } from "../store/store.ts";
-import { keys, type Endpoint, type Network } from "../model.ts";
+import { keys, type Endpoint } from "../model.ts";
 import type { Engine } from "../engine/engine.ts";
 import { refreshSandboxResolvConfs, servesDns } from "../dns/resolvconf.ts";
 import { agentPaths, liveAgent, stopAgentProcess, type AgentRecord } from "./pidfile.ts";
@@ -31,7 +32,7 @@ const autostartEnabled = (): boolean => process.env.KNIT_AGENT_AUTOSTART !== "0"
 
 /** True when some ready endpoint sits on a network with knit DNS. */
 export async function agentNeeded(engine: Engine): Promise<boolean> {
-  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+  for (const net of await listNetworks(engine)) {
     if (!servesDns(net)) continue;
     const eps = await listJson<Endpoint>(engine.store, keys.endpointsOf(net.id));
     if (eps.some((ep) => ep.state === "ready")) return true;

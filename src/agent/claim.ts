@@ -5,7 +5,7 @@
  * alone: two starters could both find it stale and both take it; the store's transaction
  * decides between them.
  */
-import { hostname } from "node:os";
+import { hostName } from "../engine/owner.ts";
 import { KnitError } from "../errors.ts";
 import { absent, type Store } from "../store/store.ts";
 import { keys, type AgentClaim } from "../model.ts";
@@ -13,7 +13,7 @@ import { ownerAlive } from "../engine/owner.ts";
 
 /** Claim the host for `me`; returns the live holder when another agent has it. */
 export async function claimAgent(store: Store, me: AgentClaim): Promise<{ ok: true } | { ok: false; holder: AgentClaim }> {
-  const key = keys.agent(hostname());
+  const key = keys.agent(hostName());
   const value = JSON.stringify(me);
   for (let i = 0; i < 16; i++) {
     const current = await store.get(key);
@@ -36,6 +36,6 @@ export async function claimAgent(store: Store, me: AgentClaim): Promise<{ ok: tr
 
 /** Give the claim up, if it is still ours. */
 export async function releaseAgent(store: Store, me: AgentClaim): Promise<void> {
-  const key = keys.agent(hostname());
+  const key = keys.agent(hostName());
   await store.txn([{ key, target: "value", op: "=", value: JSON.stringify(me) }], [{ type: "delete", key }]);
 }

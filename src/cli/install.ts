@@ -72,6 +72,33 @@ function ours(path: string): boolean {
 }
 
 /**
+ * Node built-ins that cost milliseconds to load (node:net alone 6-15 ms) and that a plugin
+ * call rarely uses (only publishing a port probes a socket). Bun resolves built-ins before
+ * any bundler plugin sees them, so the bundle's sources import them from stand-ins instead,
+ * whose functions load the real module on first call. Importing any other name from them
+ * fails the build, loudly, here.
+ */
+const LAZY_BUILTINS: Record<string, readonly string[]> = {
+  net: ["createServer", "createConnection", "connect", "isIP", "isIPv4", "isIPv6"],
+  dgram: ["createSocket"],
+};
+
+const lazyBuiltins: Bun.BunPlugin = {
+  name: "knit-lazy-builtins",
+  setup(build) {
+    const imports = /from "node:(net|dgram)"/g;
+    build.onLoad({ filter: /\.ts$/ }, async (args) => ({ loader: "ts", contents: (await Bun.file(args.path).text()).replace(imports, 'from "knit-lazy:$1"') }));
+    build.onResolve({ filter: /^knit-lazy:/ }, (args) => ({ path: args.path, namespace: "knit-lazy" }));
+    build.onLoad({ filter: /.*/, namespace: "knit-lazy" }, (args) => {
+      const mod = args.path.slice("knit-lazy:".length);
+      // process.getBuiltinModule: a plain require() here would be bundled back to this stand-in.
+      const load = `process.getBuiltinModule(${JSON.stringify(`node:${mod}`)})`;
+      return { loader: "js", contents: (LAZY_BUILTINS[mod] ?? []).map((fn) => `export function ${fn}(...a) { return ${load}.${fn}(...a); }`).join("\n") };
+    });
+  },
+};
+
+/**
  * Bundle src/cni/main.ts into `outDir` as `knit-cni.js` + bytecode. Modules of the bundle that
  * find the checkout through `import.meta.dir` (the agent's auto-start runs src/cli/main.ts)
  * get the directory the sources were in, which sits at the same depth as every such module.
@@ -86,6 +113,7 @@ async function buildBundle(main: string, outDir: string): Promise<void> {
     minify: true,
     naming: "knit-cni.[ext]",
     define: { "import.meta.dir": JSON.stringify(join(main, "..")) },
+    plugins: [lazyBuiltins],
   });
   if (!res.success) throw new KnitError("io", `cannot bundle ${main}: ${res.logs.map((l) => l.message).join("; ")}`);
 }

@@ -4,12 +4,11 @@
 import { defineCommand, parseArgs, renderHelp, type CommandSpec } from "./args.ts";
 import { matchNetworkFilters, NetworkFilterKeys, parseFilters, renderFormat, renderTable, renderTemplate, shortId, joinLabels } from "./format.ts";
 import { invalid } from "../errors.ts";
-import { listJson } from "../store/store.ts";
-import { keys, type Network } from "../model.ts";
+import { type Network } from "../model.ts";
 import { createNetwork, networkEndpointCount, pruneNetworks, removeNetwork } from "../engine/networks.ts";
 import { connectSandbox, disconnectSandbox } from "../engine/endpoints.ts";
 import { resolveContainer } from "../engine/containers.ts";
-import { getNetwork, getSandbox, type Engine } from "../engine/engine.ts";
+import { type Engine, getNetwork, getSandbox, listNetworks } from "../engine/engine.ts";
 import { networkView } from "../engine/views.ts";
 import type { CommandContext } from "./context.ts";
 
@@ -104,7 +103,7 @@ function lsRow(n: Network, noTrunc: boolean) {
 }
 
 async function sortedNetworks(engine: Engine): Promise<Network[]> {
-  return (await listJson<Network>(engine.store, keys.networks())).filter((n) => n.state === "ready").sort((a, b) => a.name.localeCompare(b.name));
+  return (await listNetworks(engine)).filter((n) => n.state === "ready").sort((a, b) => a.name.localeCompare(b.name));
 }
 
 /** Run `knit network <sub> ...`. */

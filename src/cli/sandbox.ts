@@ -5,7 +5,8 @@
 import { defineCommand, parseArgs, type CommandSpec } from "./args.ts";
 import { renderFormat, renderTable, renderTemplate, shortId } from "./format.ts";
 import { invalid, notFound } from "../errors.ts";
-import { execInSandbox, listSandboxes, removeSandbox, runSandbox, sandboxStatus } from "../engine/sandboxes.ts";
+import { execInSandbox, removeSandbox, runSandbox, sandboxStatus } from "../engine/sandboxes.ts";
+import { listSandboxes } from "../engine/engine.ts";
 import { findNetwork, findSandbox } from "../engine/engine.ts";
 import { networkView, sandboxView } from "../engine/views.ts";
 import { listMemberships } from "../engine/endpoints.ts";

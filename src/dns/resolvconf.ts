@@ -8,6 +8,8 @@
  * gets the `--dns` servers, or the host's, directly. Search domains and options come from
  * the flags, else from the host.
  */
+import { listSandboxes } from "../engine/engine.ts";
+import { hostName } from "../engine/owner.ts";
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { invalid } from "../errors.ts";
@@ -87,7 +89,7 @@ export function hostUpstreams(now = Date.now()): string[] {
 
 /** True for networks knit's DNS server answers on: user-defined bridge networks with a gateway. */
 export function servesDns(net: Network): boolean {
-  return net.driver === "bridge" && !net.predefined && net.state === "ready" && net.subnets.some((s) => s.gateway !== undefined);
+  return net.driver === "bridge" && (net.host === undefined || net.host === hostName()) && !net.predefined && net.state === "ready" && net.subnets.some((s) => s.gateway !== undefined);
 }
 
 /** The address a sandbox on `net` sends its queries to: the IPv4 gateway, else the IPv6 one. */
@@ -153,7 +155,7 @@ export function renderSandboxResolvConf(sb: Pick<Sandbox, "name" | "dns">, nets:
  */
 export async function refreshSandboxResolvConfs(engine: Engine): Promise<number> {
   let changed = 0;
-  for (const sb of await listJson<Sandbox>(engine.store, keys.sandboxes())) {
+  for (const sb of await listSandboxes(engine)) {
     if (sb.kind !== "knit" || sb.state !== "ready" || sb.netnsPath === "host") continue;
     const path = join(engine.stateDir, "sandboxes", sb.id, "resolv.conf");
     if (!existsSync(path)) continue;

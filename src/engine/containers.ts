@@ -11,7 +11,7 @@ import { NETNS_DIR } from "../kernel/exec.ts";
 import { absent, getJson, putJson } from "../store/store.ts";
 import { keys, type Sandbox, type SandboxKind } from "../model.ts";
 import { findSandbox, newId, type Engine } from "./engine.ts";
-import { processStartTime } from "./owner.ts";
+import { hostName, processStartTime } from "./owner.ts";
 
 interface Found {
   kind: SandboxKind;
@@ -62,13 +62,14 @@ export async function resolveContainer(engine: Engine, ref: string): Promise<San
   if (!found) {
     throw notFound(`no such container: ${ref}`, "give a knit sandbox, an `ip netns` name, a namespace path, pid:N, or a Docker or podman container");
   }
-  const existing = await engine.store.get(keys.sandboxName(found.name));
+  const existing = await engine.store.get(keys.sandboxName(hostName(), found.name));
   if (existing) {
     const sb = await getJson<Sandbox>(engine.store, keys.sandbox(existing.value));
     if (sb) return sb;
   }
   const sb: Sandbox = {
     id: newId(),
+    host: hostName(),
     name: found.name,
     kind: found.kind,
     hostname: found.name,
@@ -85,7 +86,7 @@ export async function resolveContainer(engine: Engine, ref: string): Promise<San
     const start = processStartTime(found.pid);
     if (start !== undefined) sb.pidStartTime = start;
   }
-  const res = await engine.store.txn([absent(keys.sandboxName(sb.name))], [putJson(keys.sandbox(sb.id), sb), { type: "put", key: keys.sandboxName(sb.name), value: sb.id }]);
+  const res = await engine.store.txn([absent(keys.sandboxName(sb.host, sb.name))], [putJson(keys.sandbox(sb.id), sb), { type: "put", key: keys.sandboxName(sb.host, sb.name), value: sb.id }]);
   if (!res.succeeded) return resolveContainer(engine, ref);
   return sb;
 }

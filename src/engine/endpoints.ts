@@ -275,7 +275,7 @@ export async function dropExternalIfUnused(engine: Engine, sb: Sandbox): Promise
   if (left.items.length > 0) return;
   await engine.store.txn([{ key: keys.membersOf(sb.id), target: "version", op: "=", value: 0 }], [
     { type: "delete", key: keys.sandbox(sb.id) },
-    { type: "delete", key: keys.sandboxName(sb.name) },
+    { type: "delete", key: keys.sandboxName(sb.host, sb.name) },
   ]);
 }
 

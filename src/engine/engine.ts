@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { KnitError, notFound, invalid } from "../errors.ts";
 import { getJson, listJson, type Store } from "../store/store.ts";
 import { keys, type Network, type Sandbox } from "../model.ts";
+import { hostName } from "./owner.ts";
 
 export interface Engine {
   readonly store: Store;
@@ -42,32 +43,45 @@ export function sandboxDir(engine: Engine, id: string): string {
   return dir;
 }
 
+/** Networks this host sees: its own local networks and every global one. */
+export async function listNetworks(engine: Engine): Promise<Network[]> {
+  const me = hostName();
+  return (await listJson<Network>(engine.store, keys.networks())).filter((n) => n.host === undefined || n.host === me);
+}
+
+/** Sandboxes of this host. */
+export async function listSandboxes(engine: Engine): Promise<Sandbox[]> {
+  const me = hostName();
+  return (await listJson<Sandbox>(engine.store, keys.sandboxes())).filter((s) => s.host === me);
+}
+
 /**
- * Find a record by exact name, full id, or unique id prefix (Docker's lookup order).
+ * Find a record by exact name (each name key in turn), full id, or unique id prefix among
+ * the visible records (Docker's lookup order).
  */
 async function findByRef<T extends { id: string }>(
   engine: Engine,
   ref: string,
   kind: string,
-  nameKey: (name: string) => string,
+  nameKeys: readonly string[],
   recordKey: (id: string) => string,
-  prefix: string,
+  visible: () => Promise<T[]>,
 ): Promise<T | undefined> {
-  const byName = await engine.store.get(nameKey(ref));
-  if (byName) {
-    const rec = await getJson<T>(engine.store, recordKey(byName.value));
+  for (const nameKey of nameKeys) {
+    const byName = await engine.store.get(nameKey);
+    const rec = byName ? await getJson<T>(engine.store, recordKey(byName.value)) : undefined;
     if (rec) return rec;
   }
   if (!/^[0-9a-f]{1,64}$/.test(ref)) return undefined;
-  const full = await getJson<T>(engine.store, recordKey(ref));
-  if (full) return full;
-  const matches = (await listJson<T>(engine.store, prefix)).filter((r) => r.id.startsWith(ref));
+  const matches = (await visible()).filter((r) => r.id.startsWith(ref));
+  const exact = matches.find((r) => r.id === ref);
+  if (exact) return exact;
   if (matches.length > 1) throw invalid(`${kind} id prefix "${ref}" is ambiguous: it matches ${matches.length} ${kind}s`);
   return matches[0];
 }
 
 export const findNetwork = (engine: Engine, ref: string): Promise<Network | undefined> =>
-  findByRef<Network>(engine, ref, "network", keys.networkName, keys.network, keys.networks());
+  findByRef<Network>(engine, ref, "network", [keys.networkName(ref, hostName()), keys.networkName(ref, undefined)], keys.network, () => listNetworks(engine));
 
 export async function getNetwork(engine: Engine, ref: string): Promise<Network> {
   const net = await findNetwork(engine, ref);
@@ -76,13 +90,16 @@ export async function getNetwork(engine: Engine, ref: string): Promise<Network> 
 }
 
 export const findSandbox = (engine: Engine, ref: string): Promise<Sandbox | undefined> =>
-  findByRef<Sandbox>(engine, ref, "sandbox", keys.sandboxName, keys.sandbox, keys.sandboxes());
+  findByRef<Sandbox>(engine, ref, "sandbox", [keys.sandboxName(hostName(), ref)], keys.sandbox, () => listSandboxes(engine));
 
 export async function getSandbox(engine: Engine, ref: string): Promise<Sandbox> {
   const sb = await findSandbox(engine, ref);
   if (!sb) throw notFound(`no such sandbox: ${ref}`, "list sandboxes with `knit ps -a`");
   return sb;
 }
+
+/** The name key of a network: per host for local networks, cluster-wide for global ones. */
+export const networkNameKey = (net: { name: string; host?: string }): string => keys.networkName(net.name, net.host);
 
 /** Retry an optimistic transaction a bounded number of times. */
 export async function retryTxn<T>(what: string, attempt: () => Promise<T | undefined>, tries = 64): Promise<T> {

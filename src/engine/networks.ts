@@ -8,7 +8,7 @@
  * makes kernel objects, then marks the row ready. A crash in between is repaired by reconcile.
  */
 import { KnitError, conflict, invalid, runAll } from "../errors.ts";
-import { absent, getJson, listJson, putJson, type Op } from "../store/store.ts";
+import { absent, getJson, putJson, type Op } from "../store/store.ts";
 import { keys, type DriverName, type Network } from "../model.ts";
 import { driverFor, drivers } from "../drivers/registry.ts";
 import { BridgeOptions } from "../drivers/bridge.ts";
@@ -18,8 +18,8 @@ import { cidrOverlaps, parseCidr, type Cidr } from "../net/ip.ts";
 import { listRoutes } from "../kernel/ip.ts";
 import { applyFirewall, removeFirewall, type BridgeNetworkRules } from "../firewall/firewall.ts";
 import { buildSubnetConfigs, parseAuxAddresses, poolConfig } from "./network-spec.ts";
-import { checkName, getNetwork, newId, retryTxn, type Engine } from "./engine.ts";
-import { abandoned, currentOwner, ownerAlive } from "./owner.ts";
+import { checkName, getNetwork, listNetworks, networkNameKey, newId, retryTxn, type Engine } from "./engine.ts";
+import { abandoned, currentOwner, hostName, ownerAlive } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { repairNetworkEndpoints } from "./endpoints.ts";
 import { repairSandboxes } from "./sandboxes.ts";
@@ -50,7 +50,7 @@ export const DEFAULT_BRIDGE = "knit0";
  * (except routes through `lanDevices`, the LAN the new network joins, as a macvlan parent).
  */
 async function takenSubnets(engine: Engine, lanDevices: readonly string[] = []): Promise<{ cidr: Cidr; what: string }[]> {
-  const nets = await listJson<Network>(engine.store, keys.networks());
+  const nets = await listNetworks(engine);
   const bridges = new Set(nets.map((n) => String(n.driverState.bridge ?? "")));
   const out = nets.flatMap((n) => n.subnets.map((s) => ({ cidr: parseCidr(s.subnet), what: `network "${n.name}" (${s.subnet})` })));
   for (const r of await listRoutes()) {
@@ -103,6 +103,7 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
   }
   return {
     id,
+    ...(driver.scope === "local" ? { host: hostName() } : {}),
     state: "creating",
     owner: currentOwner(),
     name,
@@ -125,12 +126,12 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
 async function recordNetwork(engine: Engine, net: Network, metaVersion: number): Promise<boolean> {
   const ops: Op[] = [
     putJson(keys.network(net.id), net),
-    { type: "put", key: keys.networkName(net.name), value: net.id },
+    { type: "put", key: networkNameKey(net), value: net.id },
     { type: "put", key: keys.networksMeta(), value: net.id },
     putJson(keys.pendingNetwork(net.id), net.owner),
     ...reservedAddresses(net.subnets.map(toPool)).map((r): Op => ({ type: "put", key: keys.ipam(net.id, r.address), value: r.holder })),
   ];
-  const res = await engine.store.txn([absent(keys.networkName(net.name)), { key: keys.networksMeta(), target: "version", op: "=", value: metaVersion }], ops);
+  const res = await engine.store.txn([absent(networkNameKey(net)), { key: keys.networksMeta(), target: "version", op: "=", value: metaVersion }], ops);
   return res.succeeded;
 }
 
@@ -140,7 +141,7 @@ async function deleteNetworkRows(engine: Engine, net: Network): Promise<void> {
     [],
     [
       { type: "delete", key: keys.network(net.id) },
-      { type: "delete", key: keys.networkName(net.name) },
+      { type: "delete", key: networkNameKey(net) },
       { type: "deletePrefix", prefix: keys.ipamPrefix(net.id) },
       { type: "deletePrefix", prefix: keys.cursorPrefix(net.id) },
       { type: "delete", key: keys.pendingNetwork(net.id) },
@@ -155,10 +156,12 @@ export async function createNetwork(engine: Engine, req: CreateNetworkRequest): 
   await repairNetworks(engine).catch(() => undefined);
   const net = await retryTxn("network create", async () => {
     const meta = await engine.store.get(keys.networksMeta());
-    if (await engine.store.get(keys.networkName(req.name))) throw conflict(`network with name ${req.name} already exists`);
+    for (const key of [keys.networkName(req.name, hostName()), keys.networkName(req.name, undefined)]) {
+      if (await engine.store.get(key)) throw conflict(`network with name ${req.name} already exists`);
+    }
     const draft = await draftNetwork(engine, req);
     const driver = drivers[draft.driver];
-    const learnt = await driver.precheck(draft, await listJson<Network>(engine.store, keys.networks()));
+    const learnt = await driver.precheck(draft, await listNetworks(engine));
     if (learnt) Object.assign(draft.driverState, learnt);
     return (await recordNetwork(engine, draft, meta?.version ?? 0)) ? draft : undefined;
   });
@@ -183,7 +186,7 @@ export async function createNetwork(engine: Engine, req: CreateNetworkRequest): 
 
 /** The host's networks other than `net` that are not being removed (they keep shared objects). */
 async function remainingNetworks(engine: Engine, net: Network): Promise<Network[]> {
-  return (await listJson<Network>(engine.store, keys.networks())).filter((n) => n.id !== net.id && n.state !== "deleting");
+  return (await listNetworks(engine)).filter((n) => n.id !== net.id && n.state !== "deleting");
 }
 
 /** Endpoints of a network (any state). */
@@ -245,7 +248,7 @@ export async function repairNetworks(engine: Engine): Promise<number> {
 /** Remove every user network without endpoints; returns the names removed. */
 export async function pruneNetworks(engine: Engine, labelFilter?: (n: Network) => boolean): Promise<string[]> {
   const removed: string[] = [];
-  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+  for (const net of await listNetworks(engine)) {
     if (net.predefined || net.state !== "ready" || (labelFilter && !labelFilter(net))) continue;
     if ((await networkEndpointCount(engine, net.id)) > 0) continue;
     try {
@@ -269,7 +272,7 @@ export async function syncFirewall(engine: Engine): Promise<void> {
     `${(await engine.store.get(keys.networksMeta()))?.modRevision ?? 0}/${(await engine.store.get(keys.portsMeta()))?.modRevision ?? 0}`;
   for (let i = 0; i < 16; i++) {
     const before = await version();
-    const nets = await listJson<Network>(engine.store, keys.networks());
+    const nets = await listNetworks(engine);
     const ports = await firewallPorts(engine);
     const rules = nets
       .filter((n) => n.state !== "deleting" && (n.state === "ready" || ownerAlive(n.owner)))
@@ -290,9 +293,10 @@ export async function syncFirewall(engine: Engine): Promise<void> {
  * predefined bridge gets its kernel objects on first use, as docker0 appears with dockerd.
  */
 export async function ensurePredefined(engine: Engine): Promise<void> {
-  if (await engine.store.get(keys.networkName("none"))) return;
+  const me = hostName();
+  if (await engine.store.get(keys.networkName("none", me))) return;
   for (const name of PREDEFINED) {
-    if (await engine.store.get(keys.networkName(name))) continue;
+    if (await engine.store.get(keys.networkName(name, me))) continue;
     const meta = await engine.store.get(keys.networksMeta());
     const req: CreateNetworkRequest =
       name === "bridge"
@@ -303,9 +307,9 @@ export async function ensurePredefined(engine: Engine): Promise<void> {
     delete ready.owner;
     if (name === "bridge") ready.driverState.kernelCreated = false;
     // Not via recordNetwork: no pending marker, the record is ready at once.
-    const ops: Op[] = [putJson(keys.network(ready.id), ready), { type: "put", key: keys.networkName(name), value: ready.id }, { type: "put", key: keys.networksMeta(), value: ready.id }];
+    const ops: Op[] = [putJson(keys.network(ready.id), ready), { type: "put", key: keys.networkName(name, me), value: ready.id }, { type: "put", key: keys.networksMeta(), value: ready.id }];
     ops.push(...reservedAddresses(ready.subnets.map(toPool)).map((r): Op => ({ type: "put", key: keys.ipam(ready.id, r.address), value: r.holder })));
-    await engine.store.txn([absent(keys.networkName(name)), { key: keys.networksMeta(), target: "version", op: "=", value: meta?.version ?? 0 }], ops);
+    await engine.store.txn([absent(keys.networkName(name, me)), { key: keys.networksMeta(), target: "version", op: "=", value: meta?.version ?? 0 }], ops);
   }
 }
 

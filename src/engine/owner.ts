@@ -22,17 +22,34 @@ export function processStartTime(pid: number): string | undefined {
 }
 
 let self: Owner | undefined;
+let identity: string | undefined;
+
+/**
+ * This host's name in the store: `--host` / `KNIT_HOST` (the agent's `--name`), else the
+ * kernel's hostname. Local networks, sandboxes and operation owners are keyed by it, so many
+ * hosts can share one cluster store.
+ */
+export function hostName(): string {
+  identity ??= process.env.KNIT_HOST || hostname();
+  return identity;
+}
+
+/** Set this process's host name (before the first store access). */
+export function setHostName(name: string): void {
+  identity = name;
+  self = undefined;
+}
 
 /** The owner record of this process. */
 export function currentOwner(): Owner {
-  self ??= { pid: process.pid, startTime: processStartTime(process.pid) ?? "", host: hostname() };
+  self ??= { pid: process.pid, startTime: processStartTime(process.pid) ?? "", host: hostName() };
   return self;
 }
 
 /** True when the owner's process still runs (only decidable on the owner's own host). */
 export function ownerAlive(owner: Owner | undefined): boolean {
   if (!owner) return false;
-  if (owner.host !== hostname()) return true; // another host's business: never steal it
+  if (owner.host !== hostName()) return true; // another host's business: never steal it
   return processStartTime(owner.pid) === owner.startTime;
 }
 

@@ -9,9 +9,9 @@
  * Kernel -> store: links in this namespace carrying knit's alias (`knit:<id>`) that belong to
  * no network or endpoint in the store are deleted.
  */
+import { listNetworks, listSandboxes } from "./engine.ts";
 import { existsSync } from "node:fs";
-import { listJson } from "../store/store.ts";
-import { keys, type Network, type Sandbox } from "../model.ts";
+import { keys } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { toPool } from "../ipam/ipam.ts";
 import { ip, listLinks } from "../kernel/ip.ts";
@@ -31,7 +31,7 @@ export interface ReconcileReport {
 /** Sandboxes whose namespace is gone: knit's are removed, external ones lose their endpoints. */
 async function dropVanishedSandboxes(engine: Engine): Promise<number> {
   let n = 0;
-  for (const sb of await listJson<Sandbox>(engine.store, keys.sandboxes())) {
+  for (const sb of await listSandboxes(engine)) {
     if (sb.state !== "ready" || sb.netnsPath === "host" || !sb.netnsPath || existsSync(sb.netnsPath)) continue;
     if (sb.kind === "knit") await teardownSandbox(engine, sb);
     else {
@@ -63,7 +63,7 @@ export async function reconcile(engine: Engine): Promise<ReconcileReport> {
   const sandboxes = (await repairSandboxes(engine)) + (await dropVanishedSandboxes(engine));
   const networks = await repairNetworks(engine);
   let endpoints = 0;
-  for (const net of await listJson<Network>(engine.store, keys.networks())) {
+  for (const net of await listNetworks(engine)) {
     endpoints += await repairNetworkEndpoints(engine, net.id);
     const dormant = net.predefined && net.driver === "bridge" && !net.driverState.kernelCreated;
     if (net.state === "ready" && !dormant) await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));

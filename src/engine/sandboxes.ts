@@ -12,13 +12,13 @@ import { copyFileSync, readFileSync, rmSync, writeFileSync, openSync, closeSync 
 import { hostname as hostHostname } from "node:os";
 import { join } from "node:path";
 import { conflict, invalid, runAll } from "../errors.ts";
-import { absent, getJson, listJson, putJson } from "../store/store.ts";
+import { absent, getJson, putJson } from "../store/store.ts";
 import { keys, type Endpoint, type Network, type PortMapping, type Sandbox } from "../model.ts";
 import { createNetns, deleteNetns } from "../kernel/ip.ts";
 import { NETNS_DIR } from "../kernel/exec.ts";
 import { checkName, getNetwork, getSandbox, newId, retryTxn, sandboxDir, type Engine } from "./engine.ts";
 import { connectSandbox, disconnectSandbox, listMemberships } from "./endpoints.ts";
-import { abandoned, currentOwner, processAlive, processStartTime } from "./owner.ts";
+import { abandoned, currentOwner, hostName, processAlive, processStartTime } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { syncFirewall } from "./networks.ts";
 import { planClaims, releaseClaims, type ResolvedRequest } from "../ports/claims.ts";
@@ -85,7 +85,7 @@ async function validateRun(engine: Engine, req: RunRequest): Promise<Network[]> 
   const special = nets.filter((n) => n.driver === "host" || n.driver === "null");
   if (special.length > 0 && nets.length > 1) throw conflict("conflicting options: cannot attach both user-defined and non-user-defined network-modes");
   if (new Set(nets.map((n) => n.id)).size !== nets.length) throw invalid("the same network is given twice");
-  if (req.name !== undefined && (await engine.store.get(keys.sandboxName(req.name)))) {
+  if (req.name !== undefined && (await engine.store.get(keys.sandboxName(hostName(), req.name)))) {
     throw conflict(`the sandbox name "${req.name}" is already in use`, `remove it with knit rm -f ${req.name}, or choose another --name`);
   }
   return nets;
@@ -151,6 +151,7 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
   const owner = currentOwner();
   let sb: Sandbox = {
     id,
+    host: hostName(),
     name: req.name ?? `sandbox-${id.slice(0, 8)}`,
     kind: "knit",
     hostname: req.hostname ?? (mode === "host" ? hostHostname() : id.slice(0, 12)),
@@ -207,11 +208,11 @@ async function recordSandbox(engine: Engine, sb: Sandbox, ports: readonly Resolv
     const plan = await planClaims(engine, sb.id, ports);
     const record: Sandbox = plan.mappings.length ? { ...sb, ports: plan.mappings } : sb;
     const res = await engine.store.txn(
-      [absent(keys.sandboxName(sb.name)), ...plan.compares],
-      [putJson(keys.sandbox(sb.id), record), { type: "put", key: keys.sandboxName(sb.name), value: sb.id }, putJson(keys.pendingSandbox(sb.id), sb.owner), ...plan.ops],
+      [absent(keys.sandboxName(sb.host, sb.name)), ...plan.compares],
+      [putJson(keys.sandbox(sb.id), record), { type: "put", key: keys.sandboxName(sb.host, sb.name), value: sb.id }, putJson(keys.pendingSandbox(sb.id), sb.owner), ...plan.ops],
     );
     if (res.succeeded) return record;
-    if (await engine.store.get(keys.sandboxName(sb.name))) throw conflict(`the sandbox name "${sb.name}" is already in use`);
+    if (await engine.store.get(keys.sandboxName(sb.host, sb.name))) throw conflict(`the sandbox name "${sb.name}" is already in use`);
     return undefined;
   });
 }
@@ -268,7 +269,7 @@ export async function teardownSandbox(engine: Engine, sb: Sandbox): Promise<void
     () =>
       engine.store.txn([], [
         { type: "delete", key: keys.sandbox(sb.id) },
-        { type: "delete", key: keys.sandboxName(sb.name) },
+        { type: "delete", key: keys.sandboxName(sb.host, sb.name) },
         { type: "delete", key: keys.pendingSandbox(sb.id) },
         { type: "deletePrefix", prefix: keys.ifnamesOf(sb.id) },
         { type: "deletePrefix", prefix: keys.membersOf(sb.id) },
@@ -300,4 +301,3 @@ export async function repairSandboxes(engine: Engine): Promise<number> {
   return repaired;
 }
 
-export const listSandboxes = (engine: Engine): Promise<Sandbox[]> => listJson<Sandbox>(engine.store, keys.sandboxes());

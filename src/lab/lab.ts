@@ -279,7 +279,8 @@ export class LabHost extends LabNode {
 
   /** The environment knit runs with on this host. */
   knitEnv(extra: Record<string, string> = {}): Record<string, string> {
-    return { KNIT_STATE_DIR: this.stateDir, ...extra };
+    // KNIT_HOST: each lab host is its own knit host, also when several share one cluster store.
+    return { KNIT_STATE_DIR: this.stateDir, KNIT_HOST: this.label, ...extra };
   }
 
   /**

@@ -6,8 +6,9 @@
  * an unpublish is the same backwards: claims released, firewall rebuilt, flows flushed, and
  * only then is the endpoint (and its address) given up.
  */
+import { listSandboxes } from "../engine/engine.ts";
 import { invalid } from "../errors.ts";
-import { getJson, listJson } from "../store/store.ts";
+import { getJson } from "../store/store.ts";
 import { keys, type Endpoint, type Membership, type Network, type PortMapping, type Sandbox } from "../model.ts";
 import { conntrackDelete } from "../kernel/conntrack.ts";
 import { batchToken, ipBatch } from "../kernel/ip.ts";
@@ -63,7 +64,7 @@ function sandboxActive(sb: Sandbox): boolean {
  */
 export async function firewallPorts(engine: Engine): Promise<Map<string, PublishedPort[]>> {
   const out = new Map<string, PublishedPort[]>();
-  for (const sb of await listJson<Sandbox>(engine.store, keys.sandboxes())) {
+  for (const sb of await listSandboxes(engine)) {
     if (!sb.ports?.length || !sandboxActive(sb)) continue;
     const endpoints = new Map<string, Endpoint | undefined>();
     for (const m of sb.ports) {
