@@ -11,6 +11,7 @@ import { networkMain } from "./network.ts";
 import { execMain, inspectMain, portMain, psMain, rmMain, runMain } from "./sandbox.ts";
 import { DEFAULT_STATE_DIR, type Engine } from "../engine/engine.ts";
 import { openStore } from "../store/open.ts";
+import { setHostName } from "../engine/owner.ts";
 import { ensurePredefined } from "../engine/networks.ts";
 import { reconcile } from "../engine/reconcile.ts";
 import { afterCommand } from "../agent/autostart.ts";
@@ -21,7 +22,7 @@ const VERSION = "0.1.0";
 
 const TOP: CommandSpec = {
   name: "",
-  usage: "[--state-dir DIR] [--store SPEC] COMMAND",
+  usage: "[--state-dir DIR] [--store SPEC] [--host NAME] COMMAND",
   summary: "Container networks on real kernel objects, for any runtime",
   flags: [],
   commands: [
@@ -63,6 +64,11 @@ function parseGlobals(argv: readonly string[]): Globals {
       if (!v) throw invalid("flag needs an argument: --store");
       store = v;
     } else if (a.startsWith("--store=")) store = a.slice("--store=".length);
+    else if (a === "--host" || a.startsWith("--host=")) {
+      const v = a === "--host" ? argv[++i] : a.slice("--host=".length);
+      if (!v || !/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/.test(v)) throw invalid(`invalid --host "${v ?? ""}": a host name of letters, digits, '.', '_' and '-'`);
+      setHostName(v);
+    }
     else break;
   }
   return { stateDir, store, rest: argv.slice(i) };
