@@ -17,12 +17,27 @@
  *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
  *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
  *                                   owner of an operation under way (reconcile reads these)
- *   ports/<proto>/<hostPort>        PortClaims: which sandbox holds the port on which host IP
+ *   ports/<host>/<proto>/<hostPort> PortClaims: which sandbox holds the port on which host IP
+ *                                   (host ports are per host: a cluster shares one store)
  *   meta/ports                      bumped on every publish/unpublish (firewall rebuilds)
  *   agents/<hostname>               AgentClaim: the one live `knit agent` of a host
+ *   hosts/<hostname>                HostRecord, under the host's lease (cluster membership:
+ *                                   the key vanishes when the host's agent stops renewing it)
+ *   vni/<n>                         network id holding VXLAN network identifier n (overlay)
+ *   docker/...                      the Docker plugin's maps from Docker's ids to these
+ *                                   records (layout in src/plugin/records.ts)
  */
+import { hostName } from "./engine/owner.ts";
 
-export const DriverNames = ["bridge", "host", "null", "macvlan"] as const;
+/** Labels on records the Docker plugin (src/plugin) manages. */
+export const DockerLabels = {
+  /** On a network made by `docker network create -d knit`: the Docker network's id. */
+  network: "knit.docker.network",
+  /** On the external sandbox standing for a Docker container's namespace: Docker's sandbox key. */
+  sandbox: "knit.docker.sandbox",
+} as const;
+
+export const DriverNames = ["bridge", "host", "null", "macvlan", "overlay"] as const;
 export type DriverName = (typeof DriverNames)[number];
 
 /** One IPAM pool of a network, as Docker's IPAM.Config entry. */
@@ -88,6 +103,11 @@ export interface Endpoint {
   ipv6?: string; // address/prefix
   aliases: string[];
   created: string;
+  /**
+   * The host the endpoint lives on (set by connect). Peers of a global (overlay) network send
+   * an endpoint's traffic to this host's underlay address; a host that vanishes loses them.
+   */
+  host?: string;
 }
 
 /** A sandbox's place on a network: which endpoint, under which interface name. */
@@ -146,6 +166,33 @@ export interface AgentClaim extends Owner {
   mode: "auto" | "service";
 }
 
+/**
+ * A member of the cluster, as its agent registers it under `hosts/<name>` with a lease: the
+ * key exists while the agent renews the lease, so "alive" is "the key is there".
+ */
+export interface HostRecord {
+  name: string;
+  /** Underlay address: where VXLAN traffic for this host's endpoints goes (the VTEP). */
+  address: string;
+  /** Underlay device the address is on. */
+  device: string;
+  /** MTU of the underlay device (overlay devices get 50 less unless a network sets its own). */
+  mtu: number;
+  /** The agent holding the registration. */
+  pid: number;
+  /** When the agent registered (ISO time). */
+  started: string;
+  /** Lease time to live, in seconds. */
+  ttl: number;
+}
+
+/**
+ * Name of the per-host network that gives overlay endpoints their way out (Docker's
+ * docker_gwbridge): a local bridge network with masquerade and without inter-container
+ * traffic. knit creates it on first use unless the user made one under this name.
+ */
+export const GW_BRIDGE_NETWORK = "docker_gwbridge";
+
 /** Protocols a port can be published for. */
 export const PortProtocols = ["tcp", "udp"] as const;
 export type PortProtocol = (typeof PortProtocols)[number];
@@ -189,6 +236,8 @@ export const keys = {
   ifnamesOf: (sbId: string) => `ifnames/${sbId}/`,
   member: (sbId: string, netId: string) => `members/${sbId}/${netId}`,
   membersOf: (sbId: string) => `members/${sbId}/`,
+  /** Bumped by every join of a sandbox (guards forgetting an external sandbox). */
+  joins: (sbId: string) => `joins/${sbId}`,
   /** In-flight operations; reconcile lists only these, so repair costs O(pending). */
   pendingEndpoint: (netId: string, epId: string) => `pending/endpoints/${netId}/${epId}`,
   pendingEndpointsOf: (netId: string) => `pending/endpoints/${netId}/`,
@@ -197,10 +246,16 @@ export const keys = {
   pendingSandboxes: () => "pending/sandboxes/",
   pendingNetwork: (id: string) => `pending/networks/${id}`,
   pendingNetworks: () => "pending/networks/",
-  /** Host port claims, one key per protocol and port (see PortClaims). */
-  port: (proto: string, hostPort: number) => `ports/${proto}/${hostPort}`,
-  ports: () => "ports/",
+  /** Host port claims of this host, one key per protocol and port (see PortClaims). */
+  port: (proto: string, hostPort: number) => `ports/${hostName()}/${proto}/${hostPort}`,
+  ports: () => `ports/${hostName()}/`,
   portsMeta: () => "meta/ports",
   /** The agent claim of a host (one live agent per host and store). */
   agent: (host: string) => `agents/${host}`,
+  /** Cluster membership of a host (a leased key, see HostRecord). */
+  host: (name: string) => `hosts/${name}`,
+  hosts: () => "hosts/",
+  /** VXLAN network identifier claims of overlay networks. */
+  vni: (vni: number) => `vni/${vni}`,
+  vnis: () => "vni/",
 } as const;

@@ -97,7 +97,7 @@ const PREDEFINED_NETWORKS = new Set(["bridge", "host", "none"]);
 /** Device of the predefined `bridge` network (knit's docker0). */
 export const DEFAULT_BRIDGE_DEVICE = "knit0";
 /** Key prefixes that belong to sandboxes, endpoints or operations under way: none may remain. */
-const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "members/", "ifnames/", "pending/", "ports/"];
+const TRANSIENT_PREFIXES = ["endpoints/", "sandboxes/", "members/", "ifnames/", "pending/", "ports/", "joins/"];
 /** Name keys: `names/<host>/networks/<name>`, `names/<host>/sandboxes/<name>`, `names/global/networks/<name>`. */
 const NAME_KEY = /^names\/([^/]+)\/(networks|sandboxes)\/(.+)$/;
 

@@ -11,7 +11,7 @@ import { networkMain } from "./network.ts";
 import { execMain, inspectMain, portMain, psMain, rmMain, runMain } from "./sandbox.ts";
 import { DEFAULT_STATE_DIR, type Engine } from "../engine/engine.ts";
 import { openStore } from "../store/open.ts";
-import { setHostName } from "../engine/owner.ts";
+import { adoptHostName } from "../engine/owner.ts";
 import { ensurePredefined } from "../engine/networks.ts";
 import { reconcile } from "../engine/reconcile.ts";
 import { afterCommand } from "../agent/autostart.ts";
@@ -34,7 +34,8 @@ const TOP: CommandSpec = {
     { name: "rm", summary: "Remove sandboxes" },
     { name: "port", summary: "List a sandbox's published ports" },
     { name: "gc", summary: "Reconcile store and kernel: repair what crashed commands left" },
-    { name: "agent", summary: "Run the per-host agent (DNS), or ask it: start, status, stop" },
+    { name: "agent", summary: "Run the per-host agent (DNS, cluster membership, overlay peers), or ask it: start, status, stop" },
+    { name: "host", summary: "List the hosts of the cluster (host ls)" },
     { name: "demo", summary: "Show what knit does, in a private lab" },
     { name: "install", summary: "Install knit's CNI plugins into a CNI bin dir" },
     { name: "version", summary: "Show the knit version" },
@@ -45,12 +46,15 @@ interface Globals {
   stateDir: string;
   /** Store spec: `etcd://h:p[,h:p]`, `sqlite:DIR`, or undefined for the state directory. */
   store: string | undefined;
+  /** This host's name, when given (`--host`, KNIT_HOST). */
+  host: string | undefined;
   rest: string[];
 }
 
 function parseGlobals(argv: readonly string[]): Globals {
   let stateDir = process.env.KNIT_STATE_DIR || DEFAULT_STATE_DIR;
   let store = process.env.KNIT_STORE || undefined;
+  let host = process.env.KNIT_HOST || undefined;
   let i = 0;
   for (; i < argv.length; i++) {
     const a = argv[i] ?? "";
@@ -67,11 +71,13 @@ function parseGlobals(argv: readonly string[]): Globals {
     else if (a === "--host" || a.startsWith("--host=")) {
       const v = a === "--host" ? argv[++i] : a.slice("--host=".length);
       if (!v || !/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/.test(v)) throw invalid(`invalid --host "${v ?? ""}": a host name of letters, digits, '.', '_' and '-'`);
-      setHostName(v);
+      host = v;
     }
     else break;
   }
-  return { stateDir, store, rest: argv.slice(i) };
+  // Processes this one starts (an auto-started agent, a --rm waiter) use the same store.
+  if (store !== undefined) process.env.KNIT_STORE = store;
+  return { stateDir, store, host, rest: argv.slice(i) };
 }
 
 function printError(err: unknown): void {
@@ -145,6 +151,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     const ctx: CommandContext = {
       async engine() {
         if (!engine) {
+          adoptHostName(g.stateDir, g.host);
           const store = await openStore(g.store, g.stateDir);
           engine = { store: trace ? tracedStore(store, trace) : store, stateDir: g.stateDir };
           await ensurePredefined(engine);
@@ -191,7 +198,12 @@ export async function main(argv: readonly string[]): Promise<number> {
       }
       case "agent": {
         const { agentMain } = await import("../agent/cli.ts");
-        return await agentMain(ctx, args, g.stateDir);
+        adoptHostName(g.stateDir, g.host);
+        return await agentMain(ctx, args, g.stateDir, g.store);
+      }
+      case "host": {
+        const { hostMain } = await import("../cluster/cli.ts");
+        return await hostMain(ctx, args);
       }
       case "install": {
         const { installMain } = await import("./install.ts");

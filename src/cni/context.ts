@@ -21,7 +21,7 @@ export interface PluginContext {
 
 /** Open knit's store in the configuration's state directory, as host `host` when given. */
 export async function openEngine(stateDir: string, host?: string): Promise<Engine> {
-  if (host) (await import("../engine/owner.ts")).setHostName(host);
+  (await import("../engine/owner.ts")).adoptHostName(stateDir, host ?? (process.env.KNIT_HOST || undefined));
   const { openSqliteStore } = await import("../store/sqlite.ts");
   const { ensurePredefined } = await import("../engine/networks.ts");
   const engine: Engine = { store: await openSqliteStore(stateDir), stateDir };

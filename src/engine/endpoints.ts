@@ -17,10 +17,12 @@ import { formatIp, parseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "../kernel/exec.ts";
 import { listLinks } from "../kernel/ip.ts";
 import { getNetwork, newId, type Engine } from "./engine.ts";
-import { abandoned, currentOwner } from "./owner.ts";
+import { abandoned, currentOwner, hostName } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { ensureDefaultBridgeKernel, syncFirewall } from "./networks.ts";
 import { flushUdpFlows, hairpinPortEndpoints } from "../ports/publish.ts";
+import { ensureOverlayHost, joinGwBridge, leaveGwBridgeIfUnused, needsGateway, prepareOverlayJoin } from "../cluster/attach.ts";
+import { requireLocalHost } from "../cluster/hosts.ts";
 
 export interface ConnectOptions {
   ip?: string;
@@ -36,10 +38,22 @@ export interface ConnectOptions {
    * interface, so the driver wires nothing. The sandbox has no namespace of knit's (netnsPath "").
    */
   addressOnly?: boolean;
+  /** The endpoint's id, when a front end brings one (the Docker plugin uses Docker's); else a new one. */
+  id?: string;
+  /**
+   * Make the interface in this namespace instead of the sandbox's: the runtime moves it into
+   * the sandbox itself (Docker's Join; see src/plugin/handoff.ts). The claims are the sandbox's.
+   */
+  wireNetns?: Netns;
+  /**
+   * With a static `ip`/`ip6`: an address claim holding this value was made for this endpoint
+   * beforehand (by knit's IPAM driver for Docker); the endpoint takes it over.
+   */
+  adoptClaim?: string;
 }
 
 /** Docker-style MAC: 02:42 followed by the IPv4 address, else random locally administered. */
-function macFor(ipv4: Ip | undefined): string {
+export function macFor(ipv4: Ip | undefined): string {
   const tail = ipv4 ? [24n, 16n, 8n, 0n].map((s) => Number((ipv4.value >> s) & 255n)) : [...crypto.getRandomValues(new Uint8Array(4))];
   return ["02", "42", ...tail.map((b) => b.toString(16).padStart(2, "0"))].join(":");
 }
@@ -78,7 +92,7 @@ async function pickIfname(engine: Engine, sb: Sandbox, prefix: string, taken: Se
 }
 
 /** Rows an endpoint owns, as delete ops. */
-function endpointRowDeletes(ep: Endpoint, sb: { id: string }): Op[] {
+export function endpointRowDeletes(ep: Endpoint, sb: { id: string }): Op[] {
   const ops: Op[] = [
     { type: "delete", key: keys.endpoint(ep.networkId, ep.id) },
     { type: "delete", key: keys.ifname(sb.id, ep.ifname) },
@@ -123,6 +137,9 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
   // Not dropping sb's own record: a crashed connect of this same sandbox is repaired here.
   await repairNetworkEndpoints(engine, net.id, sb.id);
   net = await ensureDefaultBridgeKernel(engine, net);
+  // Overlay: this host must be a live cluster member (src/cluster/attach.ts).
+  const clusterHost = net.driver === "overlay" ? await prepareOverlayJoin(engine, net) : undefined;
+  const me = hostName();
 
   const pools = net.subnets.map(toPool);
   const owner = currentOwner();
@@ -139,7 +156,7 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
   // Record-only endpoints (host, none) have no interface: they claim no interface name.
   const NO_IFNAME = "";
   let ifname = recordOnly ? NO_IFNAME : (opts.ifname ?? (await pickIfname(engine, sb, prefix, avoid)));
-  const id = newId();
+  const id = opts.id ?? newId();
   // The revision the claim is guarded by must be that of a record still "ready": a network
   // marked for removal since getNetwork() above must not get new endpoints.
   const netKv = await engine.store.get(keys.network(net.id));
@@ -158,6 +175,7 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
       mac: opts.mac ?? macFor(c4?.ip),
       aliases: [...(opts.aliases ?? [])],
       created: new Date().toISOString(),
+      host: me,
     };
     if (c4) ep.ipv4 = `${formatIp(c4.ip)}/${c4.pool.subnet.prefix}`;
     if (c6) ep.ipv6 = `${formatIp(c6.ip)}/${c6.pool.subnet.prefix}`;
@@ -171,17 +189,23 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
       { key: keys.sandbox(sb.id), target: "version", op: ">", value: 0 },
       absent(keys.member(sb.id, net.id)),
       ...(recordOnly ? [] : [absent(keys.ifname(sb.id, ifname))]),
+      // ...nor may an overlay endpoint outlive its host's membership (a vanished host's
+      // endpoints are freed by the others, src/cluster/reap.ts).
+      ...(clusterHost ? [{ key: keys.host(me), target: "version", op: ">", value: 0 } as const] : []),
     ];
     const ops: Op[] = [
       putJson(keys.endpoint(net.id, id), ep),
       putJson(keys.pendingEndpoint(net.id, id), owner),
       putJson(keys.member(sb.id, net.id), member),
+      // Every join bumps this key, so forgetting an external sandbox can tell it lost a race.
+      { type: "put", key: keys.joins(sb.id), value: id },
       ...(recordOnly ? [] : [{ type: "put", key: keys.ifname(sb.id, ifname), value: id } as const]),
     ];
     for (const c of [c4, c6]) {
       if (!c) continue;
       const a = formatIp(c.ip);
-      compares.push(absent(keys.ipam(net.id, a)));
+      const adopt = c.fixed && opts.adoptClaim !== undefined && (await engine.store.get(keys.ipam(net.id, a)))?.value === opts.adoptClaim;
+      compares.push(adopt ? { key: keys.ipam(net.id, a), target: "value", op: "=", value: opts.adoptClaim ?? "" } : absent(keys.ipam(net.id, a)));
       ops.push({ type: "put", key: keys.ipam(net.id, a), value: id });
       if (!c.fixed) ops.push({ type: "put", key: keys.cursor(net.id, c.ip.family), value: a });
     }
@@ -194,6 +218,7 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
     if (!current || (JSON.parse(current.value) as Network).state !== "ready") throw conflict(`network ${net.name} is being removed`);
     netRevision = current.modRevision;
     if (!(await engine.store.get(keys.sandbox(sb.id)))) throw conflict(`sandbox ${sb.name} was removed while it was being connected`, "try again");
+    if (clusterHost && !(await engine.store.get(keys.host(me)))) await requireLocalHost(engine);
     if (await engine.store.get(keys.member(sb.id, net.id))) throw conflict(`endpoint with name ${sb.name} already exists in network ${net.name}`);
     if (await engine.store.get(keys.ifname(sb.id, ifname))) {
       if (opts.ifname) throw conflict(`sandbox ${sb.name} already has an interface named ${ifname}`);
@@ -201,7 +226,8 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
       ifname = await pickIfname(engine, sb, prefix, avoid);
     }
     for (const [c, src, flag] of [[c4, src4, "--ip"], [c6, src6, "--ip6"]] as const) {
-      if (!c || !(await engine.store.get(keys.ipam(net.id, formatIp(c.ip))))) continue;
+      const held = c ? await engine.store.get(keys.ipam(net.id, formatIp(c.ip))) : undefined;
+      if (!c || !held || (opts.adoptClaim !== undefined && held.value === opts.adoptClaim)) continue;
       if (c.fixed) throw conflict(`invalid ${flag} ${formatIp(c.ip)}: Address already in use on network ${net.name}`);
       if (c.ip.family === 4) c4 = nextClaim(src, net);
       else c6 = nextClaim(src, net);
@@ -211,11 +237,15 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
 
   try {
     faultPoint("connect:after-claim");
-    if (netns) await driver.attach({ network: net, pools, endpoint, netns });
+    if (netns && clusterHost) await ensureOverlayHost(engine, net, clusterHost);
+    const wireNs = opts.wireNetns ?? netns;
+    if (wireNs) await driver.attach({ network: net, pools, endpoint, netns: wireNs });
     faultPoint("connect:after-kernel");
     const ready: Endpoint = { ...endpoint, state: "ready" };
     delete ready.owner;
     await engine.store.txn([], [putJson(keys.endpoint(net.id, endpoint.id), ready), { type: "delete", key: keys.pendingEndpoint(net.id, endpoint.id) }]);
+    // An overlay endpoint's way out: a second interface on docker_gwbridge.
+    if (netns && !opts.addressOnly && !opts.wireNetns && needsGateway(net)) await joinGwBridge(engine, sb, opts.atCreate ?? false);
     // A sandbox rejoining the network its ports are published on gets its rules back
     // (at run time, runSandbox publishes once all networks are joined).
     if (!opts.atCreate && sb.ports?.some((m) => m.networkId === net.id)) {
@@ -247,8 +277,10 @@ export async function findMembership(engine: Engine, sb: Sandbox, netId: string)
  * Leave a network. Marks the endpoint "deleting" (with this process as owner), removes the
  * kernel objects, then the rows. A marked removal is always finished: every step runs even
  * when one fails, and the errors are reported together (with `force`, kernel errors are not).
+ * Leaving the last overlay network also leaves docker_gwbridge, unless `cascade` is false
+ * (the caller removes every endpoint of the sandbox itself).
  */
-export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sandbox, force = false): Promise<void> {
+export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sandbox, force = false, cascade = true): Promise<void> {
   const net = await getNetwork(engine, netRef);
   const ep = await findMembership(engine, sb, net.id);
   if (!ep) throw conflict(`sandbox ${sb.name} is not connected to network ${net.name}`);
@@ -264,6 +296,9 @@ export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sand
       }),
     async () => faultPoint("disconnect:after-kernel"),
     () => engine.store.txn([], endpointRowDeletes(ep, sb)),
+    async () => {
+      if (cascade && needsGateway(net)) await leaveGwBridgeIfUnused(engine, sb);
+    },
     () => dropExternalIfUnused(engine, sb),
   ]);
 }
@@ -271,11 +306,15 @@ export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sand
 /** An external sandbox (ip netns, container) is forgotten with its last endpoint. */
 export async function dropExternalIfUnused(engine: Engine, sb: Sandbox): Promise<void> {
   if (sb.kind === "knit") return;
+  // Read the join counter before the members: a connect that lands after the list changes
+  // the counter, and the transaction below then does nothing.
+  const joins = (await engine.store.get(keys.joins(sb.id)))?.modRevision ?? 0;
   const left = await engine.store.list(keys.membersOf(sb.id));
   if (left.items.length > 0) return;
-  await engine.store.txn([{ key: keys.membersOf(sb.id), target: "version", op: "=", value: 0 }], [
+  await engine.store.txn([{ key: keys.joins(sb.id), target: "modRevision", op: "=", value: joins }], [
     { type: "delete", key: keys.sandbox(sb.id) },
     { type: "delete", key: keys.sandboxName(sb.host, sb.name) },
+    { type: "delete", key: keys.joins(sb.id) },
   ]);
 }
 

@@ -3,7 +3,8 @@
  * process start time, host); reconcile treats a record whose owner is gone as the remains of
  * a crashed command and finishes or undoes it. The start time guards against PID reuse.
  */
-import { readFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { hostname } from "node:os";
 import type { Owner } from "../model.ts";
 import type { KeyValue, Store } from "../store/store.ts";
@@ -32,6 +33,33 @@ let identity: string | undefined;
 export function hostName(): string {
   identity ??= process.env.KNIT_HOST || hostname();
   return identity;
+}
+
+/**
+ * Settle this process's host name for a state directory: an explicit name (`--host`,
+ * `KNIT_HOST`, the agent's `--name`) wins and is remembered in `<stateDir>/host`, so that
+ * processes started without it (a runtime's CNI cleanup, a systemd unit) agree; else the
+ * remembered name; else the kernel's hostname, remembered from then on.
+ */
+export function adoptHostName(stateDir: string, explicit: string | undefined): void {
+  const file = join(stateDir, "host");
+  let saved: string | undefined;
+  try {
+    saved = readFileSync(file, "utf8").trim() || undefined;
+  } catch {
+    saved = undefined;
+  }
+  // The first name used is kept: renaming the machine later must not hide its networks.
+  const name = explicit ?? saved ?? (process.env.KNIT_HOST || hostname());
+  if (name !== saved) {
+    try {
+      mkdirSync(stateDir, { recursive: true });
+      writeFileSync(file, `${name}\n`);
+    } catch {
+      // a read-only state directory: the name still holds for this process
+    }
+  }
+  setHostName(name);
 }
 
 /** Set this process's host name (before the first store access). */

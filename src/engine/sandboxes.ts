@@ -17,7 +17,7 @@ import { keys, type Endpoint, type Network, type PortMapping, type Sandbox } fro
 import { createNetns, deleteNetns } from "../kernel/ip.ts";
 import { NETNS_DIR } from "../kernel/exec.ts";
 import { checkName, getNetwork, getSandbox, newId, retryTxn, sandboxDir, type Engine } from "./engine.ts";
-import { connectSandbox, disconnectSandbox, listMemberships } from "./endpoints.ts";
+import { connectSandbox, disconnectSandbox, findMembership, listMemberships } from "./endpoints.ts";
 import { abandoned, currentOwner, hostName, processAlive, processStartTime } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { syncFirewall } from "./networks.ts";
@@ -25,6 +25,7 @@ import { planClaims, releaseClaims, type ResolvedRequest } from "../ports/claims
 import { flushUdpFlows, hairpinPortEndpoints, resolvePortRequests } from "../ports/publish.ts";
 import { checkDnsSettings, renderSandboxResolvConf, servesDns } from "../dns/resolvconf.ts";
 import { ensureAgent } from "../agent/autostart.ts";
+import { gatewayOf, needsGateway, publishTarget } from "../cluster/attach.ts";
 
 export interface RunRequest {
   name?: string;
@@ -145,7 +146,8 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
   await repairSandboxes(engine).catch(() => undefined);
   const nets = await validateRun(engine, req);
   const dns = req.dns ? checkDnsSettings(req.dns) : undefined;
-  const portRequests = resolvePortRequests(req.publish ?? [], nets[0]);
+  // Ports of a sandbox on an overlay network are published to its docker_gwbridge address.
+  const portRequests = resolvePortRequests(req.publish ?? [], await publishTarget(engine, nets[0], (req.publish ?? []).length > 0));
   const id = newId();
   const mode = nets[0]?.driver === "host" ? "host" : nets[0]?.driver === "null" ? "none" : "bridge";
   const owner = currentOwner();
@@ -178,6 +180,12 @@ export async function runSandbox(engine: Engine, req: RunRequest): Promise<{ san
       endpoints.push(await connectSandbox(engine, net.id, sb, opts));
     }
     faultPoint("run:after-connect");
+    // Overlay networks brought docker_gwbridge with them: its gateway answers DNS queries.
+    const gateway = nets.some(needsGateway) ? await gatewayOf(engine, sb) : undefined;
+    if (gateway) {
+      nets.push(gateway.network);
+      endpoints.push(gateway.endpoint);
+    }
     // Names resolve from the command's first instruction on: the DNS agent must run.
     if (nets.some(servesDns)) await ensureAgent(engine);
     await hairpinPortEndpoints(endpoints, sb.ports ?? []);
@@ -228,6 +236,39 @@ async function refreshPortRules(engine: Engine, mappings: readonly PortMapping[]
   await flushUdpFlows(mappings);
 }
 
+/**
+ * Publish ports of a sandbox that exists already (the Docker plugin: Docker hands over a
+ * container's port bindings after its Join). As at `knit run`, the claims and the record's
+ * `ports` are written in one transaction; then the firewall is rebuilt. Returns the mappings.
+ */
+export async function publishSandboxPorts(engine: Engine, sbId: string, requests: readonly ResolvedRequest[]): Promise<PortMapping[]> {
+  if (requests.length === 0) return [];
+  const mappings = await retryTxn("publish ports", async () => {
+    const kv = await engine.store.get(keys.sandbox(sbId));
+    if (!kv) throw conflict(`sandbox ${sbId.slice(0, 12)} does not exist`);
+    const sb = JSON.parse(kv.value) as Sandbox;
+    const plan = await planClaims(engine, sbId, requests);
+    const record: Sandbox = { ...sb, ports: [...(sb.ports ?? []), ...plan.mappings] };
+    const res = await engine.store.txn([{ key: kv.key, target: "modRevision", op: "=", value: kv.modRevision }, ...plan.compares], [putJson(kv.key, record), ...plan.ops]);
+    return res.succeeded ? plan.mappings : undefined;
+  });
+  const endpoints: Endpoint[] = [];
+  for (const netId of new Set(mappings.map((m) => m.networkId))) {
+    const ep = await findMembership(engine, { id: sbId } as Sandbox, netId);
+    if (ep) endpoints.push(ep);
+  }
+  await hairpinPortEndpoints(endpoints, mappings);
+  await refreshPortRules(engine, mappings);
+  return mappings;
+}
+
+/** Unpublish every port of a sandbox (claims and record first, then the firewall). Idempotent. */
+export async function unpublishSandboxPorts(engine: Engine, sbId: string): Promise<PortMapping[]> {
+  const released = await releaseClaims(engine, sbId);
+  await refreshPortRules(engine, released);
+  return released;
+}
+
 /** Kill a sandbox's command (by its recorded PID and start time) and wait for it to go. */
 async function stopProcess(sb: Sandbox): Promise<void> {
   if (!processAlive(sb.pid, sb.pidStartTime) || sb.pid === undefined) return;
@@ -260,7 +301,7 @@ export async function teardownSandbox(engine: Engine, sb: Sandbox): Promise<void
   await runAll(`remove sandbox ${sb.name}`, [
     // Ports go first: no DNAT rule may point at an address after it is given back.
     async () => refreshPortRules(engine, await releaseClaims(engine, sb.id)),
-    ...members.map((m) => () => disconnectSandbox(engine, m.networkId, sb, true)),
+    ...members.map((m) => () => disconnectSandbox(engine, m.networkId, sb, true, false)),
     async () => faultPoint("rm:after-disconnect"),
     async () => {
       if (sb.netnsName) await deleteNetns(sb.netnsName);
@@ -273,6 +314,7 @@ export async function teardownSandbox(engine: Engine, sb: Sandbox): Promise<void
         { type: "delete", key: keys.pendingSandbox(sb.id) },
         { type: "deletePrefix", prefix: keys.ifnamesOf(sb.id) },
         { type: "deletePrefix", prefix: keys.membersOf(sb.id) },
+        { type: "delete", key: keys.joins(sb.id) },
       ]),
   ]);
 }

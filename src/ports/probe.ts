@@ -8,8 +8,6 @@
  * 10.0.0.5:8080 or on 0.0.0.0:8080. The CLI runs in the host's namespace, so the probe sees
  * the host's sockets.
  */
-import { createServer } from "node:net";
-import { createSocket } from "node:dgram";
 import type { PortProtocol } from "../model.ts";
 
 /** What binding the host address and port showed. */
@@ -20,7 +18,10 @@ function classify(err: NodeJS.ErrnoException): ProbeResult {
   return "in-use";
 }
 
-function probeTcp(hostIp: string, port: number): Promise<ProbeResult> {
+// node:net and node:dgram are imported on first use: at the top they cost 6-15 ms on every
+// start of every knit process, most of which never publish a port.
+async function probeTcp(hostIp: string, port: number): Promise<ProbeResult> {
+  const { createServer } = await import("node:net");
   return new Promise((resolve) => {
     const server = createServer();
     server.once("error", (err: NodeJS.ErrnoException) => resolve(classify(err)));
@@ -30,7 +31,8 @@ function probeTcp(hostIp: string, port: number): Promise<ProbeResult> {
   });
 }
 
-function probeUdp(hostIp: string, port: number): Promise<ProbeResult> {
+async function probeUdp(hostIp: string, port: number): Promise<ProbeResult> {
+  const { createSocket } = await import("node:dgram");
   return new Promise((resolve) => {
     const v6 = hostIp.includes(":");
     const socket = createSocket({ type: v6 ? "udp6" : "udp4", ipv6Only: v6 });
