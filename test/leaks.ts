@@ -63,7 +63,7 @@ export async function findLeaks(host: LabHost, opts: LeakCheckOptions = {}): Pro
   const nsPrefix = opts.netnsPrefix ?? "knit-";
   if (existsSync(NETNS_DIR)) {
     for (const n of readdirSync(NETNS_DIR)) {
-      if (n.startsWith(nsPrefix)) problems.push(`named namespace ${NETNS_DIR}/${n} left`);
+      if (n.startsWith(nsPrefix) && !host.lab.netnsAtStart.has(n)) problems.push(`named namespace ${NETNS_DIR}/${n} left`);
     }
   }
   for (const m of mountsUnder(host.stateDir)) {

@@ -477,9 +477,17 @@ export class Lab {
   #logs = 0;
   #closed = false;
 
+  /**
+   * Named namespaces that existed when this lab was made. Every lab of one test run shares
+   * /run/netns, so leak checks ignore these: what an earlier test file left is that file's
+   * failure, not this one's.
+   */
+  readonly netnsAtStart: ReadonlySet<string>;
+
   private constructor(id: string, dir: string) {
     this.id = id;
     this.dir = dir;
+    this.netnsAtStart = new Set(existsSync(NETNS_DIR) ? readdirSync(NETNS_DIR) : []);
   }
 
   /**
