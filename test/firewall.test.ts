@@ -173,7 +173,7 @@ describe("applyFirewall on a real topology", () => {
     await applyFirewall([netA, netB], host);
     const doc = await nftListTable("inet", "knit", host);
     expect(chains(doc).sort()).toEqual(["forward", "postrouting"]);
-    expect(rules(doc, "forward")).toHaveLength(4); // established, dnat, 2 x isolation
+    expect(rules(doc, "forward")).toHaveLength(5); // established, dnat, 2 x isolation, unpublished
     expect(rules(doc, "postrouting")).toHaveLength(3); // brA v4 + v6, brB v4
     expect(setElements(doc, "bridges")).toEqual(["brA", "brB"]);
     expect((await exec(NS.host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")).stdout.trim()).toBe("1");
@@ -209,7 +209,7 @@ describe("applyFirewall on a real topology", () => {
   test("internal: nothing leaves the network, traffic inside it still flows", async () => {
     await applyFirewall([{ ...netA, internal: true }, netB], host);
     const doc = await nftListTable("inet", "knit", host);
-    expect(rules(doc, "forward")).toHaveLength(6); // 2 internal + established, dnat + 2 isolation
+    expect(rules(doc, "forward")).toHaveLength(7); // 2 internal + established, dnat + 2 isolation + unpublished
     expect(rules(doc, "postrouting")).toHaveLength(1); // brB only
     expect(
       await reach([

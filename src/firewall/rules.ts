@@ -123,6 +123,9 @@ export function forwardRules(nets: readonly CheckedNetwork[]): string[] {
     "ct state established,related accept",
     "ct status dnat accept",
     ...nets.map(isolationRule),
+    // Nothing outside knit's bridges (a Docker bridge, the LAN) opens connections into a
+    // sandbox unless a published port forwarded it (Docker's rule for unpublished ports).
+    ...(nets.length ? [`oifname @${BRIDGE_SET} iifname != @${BRIDGE_SET} drop comment "knit: unpublished"`] : []),
   ];
 }
 
