@@ -13,6 +13,7 @@
  * KNIT_AGENT_AUTOSTART=0 turns this off (then run `knit agent` yourself, or install it as a
  * service).
  */
+import { findSandbox } from "../engine/engine.ts";
 import { listNetworks } from "../engine/engine.ts";
 import { closeSync, openSync } from "node:fs";
 import { join } from "node:path";
@@ -101,9 +102,15 @@ export async function stopIdleAgent(engine: Engine): Promise<void> {
  * is started when now needed; after commands that remove endpoints (`rm`, `run --rm`,
  * `network disconnect`, `gc`) an idle auto-started agent is stopped.
  */
-export async function afterCommand(engine: Engine, command: string, sub: string): Promise<void> {
+export async function afterCommand(engine: Engine, command: string, sub: string, args: readonly string[] = []): Promise<void> {
   const network = command === "network" && (sub === "connect" || sub === "disconnect");
-  if (network) await refreshSandboxResolvConfs(engine);
+  if (network) {
+    // Only the sandbox the command named (its last argument): rewriting every sandbox's
+    // file made each connect cost O(sandboxes on the host).
+    const ref = [...args].reverse().find((a) => !a.startsWith("-"));
+    const sb = ref === undefined ? undefined : await findSandbox(engine, ref);
+    if (sb) await refreshSandboxResolvConfs(engine, [sb]);
+  }
   if (command === "network" && sub === "connect") {
     if (autostartEnabled() && !liveAgent(engine.stateDir) && (await agentNeeded(engine))) await ensureAgent(engine);
   } else if (network || command === "rm" || command === "run" || command === "gc") {

@@ -89,7 +89,7 @@ function printError(err: unknown): void {
 
 /** Where one CLI run spent its time, printed to stderr at exit with KNIT_TRACE=1. */
 interface Trace {
-  /** Milliseconds since the process started, at each phase's end. */
+  /** Milliseconds since the runtime started (`performance.now()`), at each phase's end. */
   marks: Record<string, number>;
   /** Store calls: count and milliseconds per method. */
   store: Record<string, { n: number; ms: number }>;
@@ -143,11 +143,13 @@ export async function main(argv: readonly string[]): Promise<number> {
   let engine: Engine | undefined;
   let command = "";
   let sub = "";
+  let argvAfterSub: readonly string[] = [];
   try {
     const g = parseGlobals(argv);
     const [cmd, ...args] = g.rest;
     command = cmd ?? "";
     sub = args[0] ?? "";
+    argvAfterSub = args.slice(1);
     const ctx: CommandContext = {
       async engine() {
         if (!engine) {
@@ -222,7 +224,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   } finally {
     if (trace) trace.marks.command = performance.now();
     // Sandboxes came or went: start or stop the DNS agent, fix resolv.conf files.
-    if (engine) await afterCommand(engine, command, sub).catch(printError);
+    if (engine) await afterCommand(engine, command, sub, argvAfterSub).catch(printError);
     if (trace) trace.marks.after = performance.now();
     await engine?.store.close();
     if (trace) {
@@ -235,5 +237,11 @@ export async function main(argv: readonly string[]): Promise<number> {
 if (import.meta.main) {
   void main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
+    // Output is written synchronously and the store is closed: nothing is left to do. A
+    // cluster store whose address black-holes packets (a firewall drops them) leaves a TCP
+    // connect pending in the gRPC client after close(), which would hold the process for
+    // minutes after its error was printed; this unref'd timer ends it instead (and never
+    // fires when the process exits by itself).
+    setTimeout(() => process.exit(code), 200).unref();
   });
 }

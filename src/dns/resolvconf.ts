@@ -153,9 +153,9 @@ export function renderSandboxResolvConf(sb: Pick<Sandbox, "name" | "dns">, nets:
  * sandbox whose networks now call for another one (it is bind-mounted from the sandbox's
  * directory, so writing the file in place changes what the sandbox sees).
  */
-export async function refreshSandboxResolvConfs(engine: Engine): Promise<number> {
+export async function refreshSandboxResolvConfs(engine: Engine, only?: readonly Sandbox[]): Promise<number> {
   let changed = 0;
-  for (const sb of await listSandboxes(engine)) {
+  for (const sb of only ?? (await listSandboxes(engine))) {
     if (sb.kind !== "knit" || sb.state !== "ready" || sb.netnsPath === "host") continue;
     const path = join(engine.stateDir, "sandboxes", sb.id, "resolv.conf");
     if (!existsSync(path)) continue;
