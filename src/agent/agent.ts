@@ -1,14 +1,20 @@
 /**
- * `knit agent`: the long-running process of a host. Today it serves DNS to the sandboxes of
- * user-defined networks; the cluster sync and the Docker plugin will live here too.
+ * `knit agent`: the long-running process of a host. It serves DNS to the sandboxes of
+ * user-defined networks and, on a cluster store, keeps the host in the cluster and its
+ * overlay data path in step (src/cluster); with `--docker-plugin` it is Docker's network and
+ * IPAM driver (src/plugin).
  *
  * Start-up, in this order:
  *   1. claim the host in the store (one agent per host; a dead holder is taken over);
- *   2. load the name table (list) and follow the store (watch), see src/dns/mirror.ts;
- *   3. listen on every served network's gateway, port 53, UDP and TCP: names resolve now;
- *   4. open the status socket (`knit agent status`);
- *   5. reconcile store and kernel (`knit gc`), as after a crash or a reboot;
- *   6. write agent.pid: from now on `knit run` finds it without asking.
+ *   2. cluster mode: register the host under its lease (hosts/<name>, src/cluster/hosts.ts);
+ *   3. load the name table (list) and follow the store (watch), see src/dns/mirror.ts;
+ *   4. cluster mode: bring the overlay devices and peers in step, then follow the store
+ *      (src/cluster/sync.ts);
+ *   5. listen on every served network's gateway, port 53, UDP and TCP: names resolve now;
+ *   6. open the status socket (`knit agent status`);
+ *   7. reconcile store and kernel (`knit gc`), as after a crash or a reboot;
+ *   7b. with --docker-plugin: serve Docker's NetworkDriver/IpamDriver socket (src/plugin);
+ *   8. write agent.pid: from now on `knit run` finds it without asking.
  * DNS comes before reconcile so that a restarted agent answers within a second of its
  * start; agent.pid comes last so that whoever started it (auto-start) waits until the
  * repairs are done and cannot race them.
@@ -20,9 +26,13 @@
 import { type Engine } from "../engine/engine.ts";
 import { currentOwner } from "../engine/owner.ts";
 import { reconcile, type ReconcileReport } from "../engine/reconcile.ts";
-import { openSqliteStore } from "../store/sqlite.ts";
+import { openStore } from "../store/open.ts";
 import type { Store } from "../store/store.ts";
-import type { AgentClaim } from "../model.ts";
+import type { AgentClaim, HostRecord } from "../model.ts";
+import { hostName } from "../engine/owner.ts";
+import { HostRegistration, detectUnderlay, type RegistrationStatus, type UnderlaySpec } from "../cluster/hosts.ts";
+import { OverlaySync, type OverlaySyncStatus } from "../cluster/sync.ts";
+import { DockerPlugin, type DockerPluginOptions, type DockerPluginStatus } from "../plugin/plugin.ts";
 import { NameTable } from "../dns/table.ts";
 import { StoreMirror } from "../dns/mirror.ts";
 import { Forwarder } from "../dns/forwarder.ts";
@@ -44,6 +54,12 @@ export interface AgentOptions {
   logLevel: LogLevel;
   /** Port the DNS server listens on (53). */
   dnsPort?: number;
+  /** Store spec (`--store`, KNIT_STORE); undefined: SQLite in the state directory. */
+  store?: string;
+  /** Cluster mode: register the host and keep its overlay data path (src/cluster). */
+  cluster?: { underlay: UnderlaySpec; leaseTtl: number };
+  /** Serve Docker's remote network and IPAM driver protocols (`--docker-plugin`, src/plugin). */
+  dockerPlugin?: DockerPluginOptions;
 }
 
 /** Default time an upstream gets: three of them still answer within glibc's 5 s timeout. */
@@ -59,9 +75,9 @@ export async function runAgent(opts: AgentOptions): Promise<number> {
   });
   let store: Store;
   try {
-    store = await openSqliteStore(opts.stateDir);
+    store = await openStore(opts.store, opts.stateDir);
   } catch (err) {
-    log.error("cannot open the store", { err, stateDir: opts.stateDir });
+    log.error("cannot open the store", { err, stateDir: opts.stateDir, store: opts.store });
     return 1;
   }
   const me: AgentClaim = { ...currentOwner(), mode: opts.mode };
@@ -101,6 +117,10 @@ export interface AgentHealth {
   uptimeSeconds: number;
   store: { describe: string; revision: number; relists: number };
   reconcile: { state: "pending" | "done" | "failed"; report?: ReconcileReport; error?: string };
+  /** Cluster mode only: the host's registration and the overlay control plane. */
+  cluster?: { host: RegistrationStatus; overlay: OverlaySyncStatus };
+  /** With --docker-plugin: its socket and the calls dockerd made. */
+  docker?: DockerPluginStatus;
   dns: {
     networks: { id: string; name: string; addresses: readonly string[]; internal: boolean }[];
     listeners: ReturnType<DnsServer["status"]>;
@@ -126,6 +146,9 @@ class Agent {
   private ready = false;
   private listening: Promise<void> = Promise.resolve();
   private stopping = false;
+  private registration: HostRegistration | undefined;
+  private overlay: OverlaySync | undefined;
+  private plugin: DockerPlugin | undefined;
 
   constructor(
     private readonly engine: Engine,
@@ -147,8 +170,10 @@ class Agent {
   }
 
   async start(): Promise<void> {
-    this.log.info("starting", { pid: this.me.pid, mode: this.me.mode, store: this.engine.store.describe });
+    this.log.info("starting", { pid: this.me.pid, mode: this.me.mode, store: this.engine.store.describe, host: hostName() });
+    if (this.opts.cluster) await this.joinCluster(this.opts.cluster);
     await this.mirror.start();
+    if (this.overlay) await this.overlay.start();
     await this.listen();
     this.status = serveStatus(this.paths.socket, () => this.health());
     try {
@@ -159,15 +184,37 @@ class Agent {
       this.reconciled = { state: "failed", error: err instanceof Error ? err.message : String(err) };
       this.log.error("reconcile failed", { err });
     }
+    if (this.opts.dockerPlugin) {
+      this.plugin = new DockerPlugin(this.engine, this.opts.dockerPlugin, this.log);
+      await this.plugin.start();
+    }
     writeAgentRecord(this.engine.stateDir, { ...this.me, socket: this.paths.socket, started: this.started.toISOString() });
     this.ready = true;
     this.log.info("ready", { networks: this.table.servedNetworks().length, names: this.table.size, revision: this.mirror.revision });
+  }
+
+  /** Register this host under its lease, and prepare the overlay control plane. */
+  private async joinCluster(cluster: NonNullable<AgentOptions["cluster"]>): Promise<void> {
+    const underlay = await detectUnderlay(cluster.underlay);
+    const record: HostRecord = { name: hostName(), ...underlay, pid: this.me.pid, started: this.started.toISOString(), ttl: cluster.leaseTtl };
+    this.registration = new HostRegistration(this.engine.store, record, (event, err) => {
+      if (event === "registered") this.log.info("host registered", { host: record.name, address: record.address, device: record.device, mtu: record.mtu, ttl: record.ttl });
+      else if (event === "lost") this.log.warn("host lease expired; registering again", { host: record.name });
+      else this.log.warn("cannot renew the host lease", { err });
+      // Back after a loss: whatever changed meanwhile is found by a full round.
+      if (event === "registered") this.overlay?.requestFull();
+    });
+    await this.registration.start();
+    this.overlay = new OverlaySync(this.engine, { me: record.name, underlay, log: this.log });
   }
 
   async stop(): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
     clearTimeout(this.rebind);
+    await this.plugin?.stop();
+    this.registration?.stop();
+    this.overlay?.close();
     this.mirror.close();
     await this.server.close();
     this.forwarder.close();
@@ -200,13 +247,15 @@ class Agent {
     const listeners = this.server.status();
     const bound = listeners.every((l) => l.udp && l.tcp);
     return {
-      status: !this.ready ? "starting" : bound && this.reconciled.state === "done" ? "ok" : "degraded",
+      status: !this.ready ? "starting" : bound && this.reconciled.state === "done" && (this.registration?.status().registered ?? true) ? "ok" : "degraded",
       pid: this.me.pid,
       mode: this.me.mode,
       started: this.started.toISOString(),
       uptimeSeconds: Math.round((Date.now() - this.started.getTime()) / 100) / 10,
       store: { describe: this.engine.store.describe, revision: this.mirror.revision, relists: this.mirror.relists },
       reconcile: this.reconciled,
+      ...(this.plugin ? { docker: this.plugin.status() } : {}),
+      ...(this.registration && this.overlay ? { cluster: { host: this.registration.status(), overlay: this.overlay.status() } } : {}),
       dns: {
         networks: this.table.servedNetworks().map((n) => ({ id: n.id, name: n.name, addresses: n.addresses, internal: n.internal })),
         listeners,

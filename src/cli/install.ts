@@ -14,12 +14,16 @@
  * runs half a file, and an install over an older one is an upgrade. Files of the same names
  * that are not knit's are left alone unless --force. Finally each plugin is asked for
  * VERSION, so a broken install is reported here and not at the first container start.
+ *
+ * `--docker-plugin` also writes the knit agent's systemd unit, which serves Docker's knit
+ * network and IPAM driver (src/plugin/install.ts, docs/docker-plugin.md).
  */
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { KnitError, invalid } from "../errors.ts";
 import { defineCommand, parseArgs } from "./args.ts";
 import type { CommandContext } from "./context.ts";
+import { DEFAULT_SYSTEMD_DIR, UNIT_NAME, installAgentUnit } from "../plugin/install.ts";
 
 export const DEFAULT_CNI_BIN_DIR = "/opt/cni/bin";
 /** The multi-call launcher, and the plugin names linked to it. */
@@ -38,6 +42,8 @@ const spec = defineCommand({
     { name: "cni-bin-dir", kind: "string", default: DEFAULT_CNI_BIN_DIR, placeholder: "DIR", help: "Directory runtimes load CNI plugins from" },
     { name: "force", short: "f", kind: "bool", help: "Replace files of the same names that are not knit's" },
     { name: "from-source", kind: "bool", help: "Run this checkout's sources instead of a bundle (development)" },
+    { name: "docker-plugin", kind: "bool", help: `Also install the ${UNIT_NAME} systemd unit: knit agent --docker-plugin, Docker's knit network driver (docs/docker-plugin.md)` },
+    { name: "systemd-dir", kind: "string", default: DEFAULT_SYSTEMD_DIR, placeholder: "DIR", help: "Where --docker-plugin writes the unit" },
   ],
 });
 
@@ -177,5 +183,10 @@ export async function installMain(ctx: CommandContext, args: readonly string[]):
   if (dir === "") throw invalid("--cni-bin-dir needs a directory", `for example --cni-bin-dir ${DEFAULT_CNI_BIN_DIR}`);
   const written = await installPlugins(resolve(dir), { force: a.flags.force, fromSource: a.flags["from-source"] });
   for (const path of written) ctx.out(`${path}\n`);
+  if (a.flags["docker-plugin"]) {
+    const root = resolve(process.env.KNIT_ROOT ?? join(import.meta.dir, "..", ".."));
+    ctx.out(`${installAgentUnit(resolve(a.flags["systemd-dir"]), root, { force: a.flags.force })}\n`);
+    ctx.out(`enable it: systemctl daemon-reload && systemctl enable --now ${UNIT_NAME}; then: docker network create -d knit --ipam-driver knit ...\n`);
+  }
   return 0;
 }

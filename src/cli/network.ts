@@ -11,6 +11,7 @@ import { resolveContainer } from "../engine/containers.ts";
 import { type Engine, getNetwork, getSandbox, listNetworks } from "../engine/engine.ts";
 import { networkView } from "../engine/views.ts";
 import type { CommandContext } from "./context.ts";
+import { refuseDockerEndpoint } from "../plugin/records.ts";
 
 const create = defineCommand({
   name: "network create",
@@ -18,7 +19,7 @@ const create = defineCommand({
   summary: "Create a network",
   args: { min: 1, max: 1 },
   flags: [
-    { name: "driver", short: "d", kind: "string", default: "bridge", help: "Driver to manage the network (bridge, macvlan)" },
+    { name: "driver", short: "d", kind: "string", default: "bridge", help: "Driver to manage the network (bridge, macvlan, overlay)" },
     { name: "subnet", kind: "list", help: "Subnet in CIDR format that represents a network segment" },
     { name: "gateway", kind: "list", help: "IPv4 or IPv6 gateway for the subnet" },
     { name: "ip-range", kind: "list", help: "Allocate container IPs from a sub-range" },
@@ -211,8 +212,10 @@ export async function networkMain(ctx: CommandContext, argv: readonly string[]):
       const a = parseArgs(disconnect, args);
       if (a.help) return ctx.help(disconnect);
       const [netRef = "", ref = ""] = a.positionals;
-      await getNetwork(engine, netRef);
-      await disconnectSandbox(engine, netRef, await getSandbox(engine, ref), a.flags.force);
+      const net = await getNetwork(engine, netRef);
+      const sb = await getSandbox(engine, ref);
+      await refuseDockerEndpoint(engine.store, sb, net);
+      await disconnectSandbox(engine, netRef, sb, a.flags.force);
       return 0;
     }
     default:

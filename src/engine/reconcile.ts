@@ -11,7 +11,7 @@
  */
 import { listNetworks, listSandboxes } from "./engine.ts";
 import { existsSync } from "node:fs";
-import { keys } from "../model.ts";
+import { DockerLabels, keys } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { toPool } from "../ipam/ipam.ts";
 import { ip, listLinks } from "../kernel/ip.ts";
@@ -33,9 +33,12 @@ async function dropVanishedSandboxes(engine: Engine): Promise<number> {
   let n = 0;
   for (const sb of await listSandboxes(engine)) {
     if (sb.state !== "ready" || sb.netnsPath === "host" || !sb.netnsPath || existsSync(sb.netnsPath)) continue;
+    // A Docker container's namespace appears only after its Join; Docker tells the plugin
+    // when it goes, and the plugin asks Docker about the rest (src/plugin).
+    if (sb.labels[DockerLabels.sandbox] !== undefined) continue;
     if (sb.kind === "knit") await teardownSandbox(engine, sb);
     else {
-      for (const m of await listMemberships(engine, sb.id)) await disconnectSandbox(engine, m.networkId, sb, true);
+      for (const m of await listMemberships(engine, sb.id)) await disconnectSandbox(engine, m.networkId, sb, true, false);
       await dropExternalIfUnused(engine, sb);
     }
     n++;
@@ -45,13 +48,15 @@ async function dropVanishedSandboxes(engine: Engine): Promise<number> {
 
 async function deleteOrphanLinks(engine: Engine): Promise<string[]> {
   const deleted: string[] = [];
-  for (const link of await listLinks()) {
-    const alias = link.ifalias;
-    if (!alias?.startsWith("knit:")) continue;
-    const id = alias.slice(5);
-    if (await engine.store.get(keys.network(id))) continue;
-    const eps = await engine.store.list(keys.endpoints());
-    if (eps.items.some((kv) => kv.key.endsWith(`/${id}`))) continue;
+  // The kernel first, then the store: an endpoint is recorded before its link is made, so
+  // the link of every live endpoint listed here finds its row below. The endpoints are
+  // listed once (not once per link: that was quadratic, seconds at 1,000 sandboxes).
+  const links = (await listLinks()).filter((l) => l.ifalias?.startsWith("knit:"));
+  if (links.length === 0) return deleted;
+  const endpointIds = new Set((await engine.store.list(keys.endpoints())).items.map((kv) => kv.key.slice(kv.key.lastIndexOf("/") + 1)));
+  for (const link of links) {
+    const id = (link.ifalias ?? "").slice(5);
+    if (endpointIds.has(id) || (await engine.store.get(keys.network(id)))) continue;
     await ip(["link", "del", "dev", link.ifname], undefined, true);
     deleted.push(link.ifname);
   }
