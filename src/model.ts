@@ -17,8 +17,7 @@
  *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
  *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
  *                                   owner of an operation under way (reconcile reads these)
- *   ports/<host>/<proto>/<hostPort> PortClaims: which sandbox holds the port on which host IP
- *                                   (host ports are per host: a cluster shares one store)
+ *   ports/<proto>/<hostPort>        PortClaims: which sandbox holds the port on which host IP
  *   meta/ports                      bumped on every publish/unpublish (firewall rebuilds)
  *   agents/<hostname>               AgentClaim: the one live `knit agent` of a host
  *   hosts/<hostname>                HostRecord, under the host's lease (cluster membership:
@@ -27,7 +26,6 @@
  *   docker/...                      the Docker plugin's maps from Docker's ids to these
  *                                   records (layout in src/plugin/records.ts)
  */
-import { hostName } from "./engine/owner.ts";
 
 /** Labels on records the Docker plugin (src/plugin) manages. */
 export const DockerLabels = {
@@ -246,9 +244,9 @@ export const keys = {
   pendingSandboxes: () => "pending/sandboxes/",
   pendingNetwork: (id: string) => `pending/networks/${id}`,
   pendingNetworks: () => "pending/networks/",
-  /** Host port claims of this host, one key per protocol and port (see PortClaims). */
-  port: (proto: string, hostPort: number) => `ports/${hostName()}/${proto}/${hostPort}`,
-  ports: () => `ports/${hostName()}/`,
+  /** Host port claims, one key per protocol and port (see PortClaims). */
+  port: (proto: string, hostPort: number) => `ports/${proto}/${hostPort}`,
+  ports: () => "ports/",
   portsMeta: () => "meta/ports",
   /** The agent claim of a host (one live agent per host and store). */
   agent: (host: string) => `agents/${host}`,

@@ -4,7 +4,8 @@
  * host on a LAN behind a router with an "internet", and drives the real `knit` CLI on it:
  * two bridge networks, sandboxes on each, traffic inside a network, isolation across
  * networks, masquerade to the internet, names resolved by knit's DNS. Every claim is checked;
- * the exit code says whether all held.
+ * the exit code says whether all held. `knit demo --cluster` shows overlay networks across
+ * three hosts instead (src/demo/cluster.ts).
  */
 import { join } from "node:path";
 import { stdoutIsTty, writeOut } from "../cli/output.ts";
@@ -24,6 +25,10 @@ export async function demoMain(args: readonly string[]): Promise<number> {
   if (process.env.KNIT_LAB !== "1") {
     const proc = Bun.spawn([join(REPO_ROOT, "scripts", "lab-run"), KNIT_BIN, "demo", ...args], { stdio: ["inherit", "inherit", "inherit"] });
     return proc.exited;
+  }
+  if (args.includes("--cluster")) {
+    const { clusterDemo } = await import("./cluster.ts");
+    return clusterDemo();
   }
   const lab = await Lab.create("demo");
   let failures = 0;

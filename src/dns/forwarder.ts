@@ -127,7 +127,13 @@ export class Forwarder {
         hostname: family === 4 ? "0.0.0.0" : "::",
         port: 0,
         binaryType: "uint8array",
-        socket: { data: (_s, buf, port, address) => this.onReply(buf, port, address) },
+        socket: {
+          data: (_s, buf, port, address) => this.onReply(buf, port, address),
+          // An upstream that is down answers with ICMP port unreachable, which the socket
+          // reports as ECONNREFUSED without saying for which query: that query times out and
+          // the next server is asked. Unhandled, the error would end the agent.
+          error: () => undefined,
+        },
       });
       // A failed bind is retried on the next query.
       sock.then(

@@ -13,8 +13,14 @@
  * names a query may see depends on who asks where (see {@link NameTable.client}): a sandbox
  * sees the names of every network it is on, as Docker's embedded DNS does; nobody sees the
  * names of a network they are not on.
+ *
+ * Overlay networks span hosts: their names come from the endpoints of every host (the store
+ * is shared), except hosts whose registration (`hosts/<name>`) is gone. They have no address
+ * on any host, so their sandboxes ask on the gateway of docker_gwbridge, their way out: that
+ * network is served (listened on) but has no names of its own, so a query arriving there
+ * sees exactly the names of the asking sandbox's other networks.
  */
-import type { Endpoint, Network, Sandbox } from "../model.ts";
+import { GW_BRIDGE_NETWORK, type Endpoint, type HostRecord, type Network, type Sandbox } from "../model.ts";
 import { cidrContains, parseCidr, tryParseIp, formatIp, type Cidr } from "../net/ip.ts";
 import { encodeName } from "./packet.ts";
 import { servesDns } from "./resolvconf.ts";
@@ -52,9 +58,15 @@ interface Member {
 const PREFIX_NETWORK = "networks/";
 const PREFIX_ENDPOINT = "endpoints/";
 const PREFIX_SANDBOX = "sandboxes/";
+const PREFIX_HOST = "hosts/";
 
 /** Store key prefixes the table needs. */
-export const TABLE_PREFIXES = [PREFIX_NETWORK, PREFIX_ENDPOINT, PREFIX_SANDBOX] as const;
+export const TABLE_PREFIXES = [PREFIX_NETWORK, PREFIX_ENDPOINT, PREFIX_SANDBOX, PREFIX_HOST] as const;
+
+/** Overlay networks carry names from every host. */
+const namedOverlay = (net: Network): boolean => net.driver === "overlay" && net.state === "ready";
+/** A host's docker_gwbridge: served, but without names of its own. */
+const gatewayOnly = (net: Network): boolean => net.driver === "bridge" && net.name === GW_BRIDGE_NETWORK && net.host !== undefined;
 
 /** Reverse-lookup name of an address ("4.3.2.1.in-addr.arpa", nibbles for IPv6). */
 export function reverseName(addr: string): string | undefined {
@@ -97,6 +109,7 @@ export class NameTable {
   private readonly networks = new Map<string, Network>();
   private readonly endpoints = new Map<string, Endpoint>();
   private readonly sandboxes = new Map<string, Sandbox>();
+  private readonly hosts = new Map<string, HostRecord>();
   private dirty = true;
 
   private served = new Map<string, ServedNetwork & { subnets: Cidr[] }>();
@@ -111,6 +124,7 @@ export class NameTable {
     this.networks.clear();
     this.endpoints.clear();
     this.sandboxes.clear();
+    this.hosts.clear();
     this.dirty = true;
   }
 
@@ -120,13 +134,14 @@ export class NameTable {
    * after a batch. Returns false for keys the table does not use.
    */
   apply(key: string, value: string | undefined): boolean {
-    let map: Map<string, Network> | Map<string, Endpoint> | Map<string, Sandbox>;
+    let map: Map<string, Network> | Map<string, Endpoint> | Map<string, Sandbox> | Map<string, HostRecord>;
     if (key.startsWith(PREFIX_NETWORK)) map = this.networks;
     else if (key.startsWith(PREFIX_ENDPOINT)) map = this.endpoints;
     else if (key.startsWith(PREFIX_SANDBOX)) map = this.sandboxes;
+    else if (key.startsWith(PREFIX_HOST)) map = this.hosts;
     else return false;
     this.dirty = true;
-    const record = value === undefined ? undefined : parseJson<Network & Endpoint & Sandbox>(value);
+    const record = value === undefined ? undefined : parseJson<Network & Endpoint & Sandbox & HostRecord>(value);
     if (record && typeof record === "object") map.set(key, record);
     else map.delete(key);
     return true;
@@ -137,8 +152,18 @@ export class NameTable {
     if (!this.dirty) return;
     this.dirty = false;
     const served = new Map<string, ServedNetwork & { subnets: Cidr[] }>();
+    const named = new Set<string>();
+    const overlays = new Set<string>();
+    const gateways = new Set<string>();
+    const liveHosts = new Set([...this.hosts.values()].map((h) => h.name));
     for (const net of this.networks.values()) {
+      if (namedOverlay(net)) {
+        named.add(net.id);
+        overlays.add(net.id);
+      }
       if (!servesDns(net)) continue;
+      if (gatewayOnly(net)) gateways.add(net.id);
+      else named.add(net.id);
       const addresses = net.subnets.flatMap((s) => (s.gateway ? [s.gateway] : []));
       const subnets = net.subnets.flatMap((s) => {
         try {
@@ -159,7 +184,18 @@ export class NameTable {
     let count = 0;
     for (const ep of this.endpoints.values()) {
       const sb = bySandbox.get(ep.sandboxId);
-      if (ep.state !== "ready" || !sb || !served.has(ep.networkId)) continue;
+      if (ep.state !== "ready" || !sb) continue;
+      if (gateways.has(ep.networkId)) {
+        // Who asks on docker_gwbridge: known by address, sees its other networks' names.
+        for (const cidr of [ep.ipv4, ep.ipv6]) {
+          const addr = cidr?.split("/")[0];
+          if (addr) members.set(`${ep.networkId} ${addr.includes(":") ? canonical(addr) : addr}`, { sandboxId: sb.id, upstreams: sb.dns?.servers ?? [] });
+        }
+        continue;
+      }
+      if (!named.has(ep.networkId)) continue;
+      // An overlay endpoint of a host that left the cluster is gone for everybody.
+      if (overlays.has(ep.networkId) && ep.host !== undefined && !liveHosts.has(ep.host)) continue;
       let netNames = names.get(ep.networkId);
       if (!netNames) names.set(ep.networkId, (netNames = new Map<string, NameRecords>()));
       let netReverse = reverse.get(ep.networkId);
@@ -220,7 +256,8 @@ export class NameTable {
     const member = this.members.get(`${netId} ${key}`);
     if (member) {
       const others = this.sandboxNetworks.get(member.sandboxId) ?? [];
-      const networks = others.length <= 1 ? [netId] : [netId, ...others.filter((n) => n !== netId)];
+      // The arrival network first; on docker_gwbridge (no names) the sandbox's overlays follow.
+      const networks = [netId, ...others.filter((n) => n !== netId)];
       const forward = networks.some((n) => this.served.get(n)?.internal === false);
       return { networks, upstreams: member.upstreams, forward };
     }

@@ -5,6 +5,7 @@ import { bridgeDriver } from "./bridge.ts";
 import { hostDriver } from "./host.ts";
 import { macvlanDriver } from "./macvlan.ts";
 import { nullDriver } from "./null.ts";
+import { overlayDriver } from "./overlay.ts";
 import type { NetworkDriver } from "./driver.ts";
 
 export const drivers = {
@@ -12,6 +13,7 @@ export const drivers = {
   host: hostDriver,
   null: nullDriver,
   macvlan: macvlanDriver,
+  overlay: overlayDriver,
 } as const satisfies Record<DriverName, NetworkDriver>;
 
 /** Look a driver up by the name a user typed. */

@@ -21,7 +21,7 @@ import { abandoned, currentOwner, hostName } from "./owner.ts";
 import { faultPoint } from "./faults.ts";
 import { ensureDefaultBridgeKernel, syncFirewall } from "./networks.ts";
 import { flushUdpFlows, hairpinPortEndpoints } from "../ports/publish.ts";
-import { ensureOverlayHost, joinGwBridge, leaveGwBridgeIfUnused, needsGateway, prepareOverlayJoin } from "../cluster/attach.ts";
+import { attachOverlay, ensureOverlayHost, joinGwBridge, leaveGwBridgeIfUnused, needsGateway, prepareOverlayJoin } from "../cluster/attach.ts";
 import { requireLocalHost } from "../cluster/hosts.ts";
 
 export interface ConnectOptions {
@@ -41,10 +41,11 @@ export interface ConnectOptions {
   /** The endpoint's id, when a front end brings one (the Docker plugin uses Docker's); else a new one. */
   id?: string;
   /**
-   * Make the interface in this namespace instead of the sandbox's: the runtime moves it into
-   * the sandbox itself (Docker's Join; see src/plugin/handoff.ts). The claims are the sandbox's.
+   * For a runtime that moves the interface into the sandbox and configures it itself (Docker's
+   * Join, src/plugin): the driver makes it in this namespace, under `ifname`, with the
+   * endpoint's MAC but without addresses or routes. The claims are the sandbox's, as usual.
    */
-  wireNetns?: Netns;
+  handoff?: Netns;
   /**
    * With a static `ip`/`ip6`: an address claim holding this value was made for this endpoint
    * beforehand (by knit's IPAM driver for Docker); the endpoint takes it over.
@@ -238,14 +239,22 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
   try {
     faultPoint("connect:after-claim");
     if (netns && clusterHost) await ensureOverlayHost(engine, net, clusterHost);
-    const wireNs = opts.wireNetns ?? netns;
-    if (wireNs) await driver.attach({ network: net, pools, endpoint, netns: wireNs });
+    const handoff = opts.handoff;
+    let wire: (() => Promise<void>) | undefined;
+    if (handoff) {
+      const bare: Endpoint = { ...endpoint };
+      delete bare.ipv4;
+      delete bare.ipv6;
+      wire = () => driver.attach({ network: { ...net, internal: true }, pools, endpoint: bare, netns: handoff });
+    } else if (netns) wire = () => driver.attach({ network: net, pools, endpoint, netns });
+    if (wire && netns && clusterHost) await attachOverlay(engine, net, clusterHost, endpoint, wire);
+    else if (wire) await wire();
     faultPoint("connect:after-kernel");
     const ready: Endpoint = { ...endpoint, state: "ready" };
     delete ready.owner;
     await engine.store.txn([], [putJson(keys.endpoint(net.id, endpoint.id), ready), { type: "delete", key: keys.pendingEndpoint(net.id, endpoint.id) }]);
     // An overlay endpoint's way out: a second interface on docker_gwbridge.
-    if (netns && !opts.addressOnly && !opts.wireNetns && needsGateway(net)) await joinGwBridge(engine, sb, opts.atCreate ?? false);
+    if (netns && !opts.addressOnly && !opts.handoff && needsGateway(net)) await joinGwBridge(engine, sb, opts.atCreate ?? false);
     // A sandbox rejoining the network its ports are published on gets its rules back
     // (at run time, runSandbox publishes once all networks are joined).
     if (!opts.atCreate && sb.ports?.some((m) => m.networkId === net.id)) {

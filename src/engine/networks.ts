@@ -8,8 +8,8 @@
  * makes kernel objects, then marks the row ready. A crash in between is repaired by reconcile.
  */
 import { KnitError, conflict, invalid, runAll } from "../errors.ts";
-import { absent, getJson, putJson, type Op } from "../store/store.ts";
-import { keys, type DriverName, type Network } from "../model.ts";
+import { absent, getJson, listJson, putJson, type Compare, type Op } from "../store/store.ts";
+import { DockerLabels, keys, type DriverName, type Network } from "../model.ts";
 import { driverFor, drivers } from "../drivers/registry.ts";
 import { BridgeOptions } from "../drivers/bridge.ts";
 import { toPool, reservedAddresses } from "../ipam/ipam.ts";
@@ -24,6 +24,7 @@ import { faultPoint } from "./faults.ts";
 import { repairNetworkEndpoints } from "./endpoints.ts";
 import { repairSandboxes } from "./sandboxes.ts";
 import { firewallPorts } from "../ports/publish.ts";
+import { planVni, releaseVniOps } from "../cluster/vni.ts";
 
 export interface CreateNetworkRequest {
   name: string;
@@ -38,6 +39,8 @@ export interface CreateNetworkRequest {
   internal?: boolean;
   ipv6?: boolean;
   attachable?: boolean;
+  /** The network's id, when a front end brings one (the Docker plugin uses Docker's); else a new one. */
+  id?: string;
 }
 
 export const PREDEFINED = ["bridge", "host", "none"] as const;
@@ -49,10 +52,14 @@ export const DEFAULT_BRIDGE = "knit0";
  * Subnets in use on this host that a new network must not overlap: other networks and routes
  * (except routes through `lanDevices`, the LAN the new network joins, as a macvlan parent).
  */
-async function takenSubnets(engine: Engine, lanDevices: readonly string[] = []): Promise<{ cidr: Cidr; what: string }[]> {
-  const nets = await listNetworks(engine);
+export async function takenSubnets(engine: Engine, lanDevices: readonly string[] = [], cluster?: { withRoutes: boolean }): Promise<{ cidr: Cidr; what: string }[]> {
+  // A global (overlay) network spans hosts: no network of any host may overlap it. Its subnet
+  // is never routed on a host (its bridges have no address), so the host's routes only
+  // matter when a default pool is picked for it.
+  const nets = cluster ? await listJson<Network>(engine.store, keys.networks()) : await listNetworks(engine);
   const bridges = new Set(nets.map((n) => String(n.driverState.bridge ?? "")));
-  const out = nets.flatMap((n) => n.subnets.map((s) => ({ cidr: parseCidr(s.subnet), what: `network "${n.name}" (${s.subnet})` })));
+  const out = nets.flatMap((n) => n.subnets.map((s) => ({ cidr: parseCidr(s.subnet), what: `network "${n.name}"${n.host && cluster ? ` of host ${n.host}` : ""} (${s.subnet})` })));
+  if (cluster && !cluster.withRoutes) return out;
   for (const r of await listRoutes()) {
     if (r.dst === "default" || !r.dst || (r.dev && (bridges.has(r.dev) || lanDevices.includes(r.dev)))) continue;
     const dst = r.dst.includes("/") ? r.dst : r.dst.includes(":") ? `${r.dst}/128` : `${r.dst}/32`;
@@ -77,7 +84,8 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
     throw conflict(`only one instance of "${driver.name}" network is allowed`, `use the predefined "${driver.name === "null" ? "none" : "host"}" network`);
   }
   const ipv6 = req.ipv6 ?? false;
-  const id = newId();
+  const id = req.id ?? newId();
+  if (!/^[0-9a-f]{64}$/.test(id)) throw invalid(`invalid network id "${id}": expected 64 hex digits`);
   const options = { ...(req.options ?? {}) };
   const driverState = driver.prepare({ id, name, options, ipv6, internal: req.internal ?? false });
   const explicit = buildSubnetConfigs({
@@ -89,7 +97,8 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
   });
   const subnets = [...explicit];
   if (driver.addressed) {
-    const taken = await takenSubnets(engine, driver.lanDevices?.(driverState) ?? []);
+    const cluster = driver.scope === "global" ? { withRoutes: explicit.length === 0 } : undefined;
+    const taken = await takenSubnets(engine, driver.lanDevices?.(driverState) ?? [], cluster);
     for (const s of explicit) {
       const c = parseCidr(s.subnet);
       const clash = taken.find((t) => cidrOverlaps(t.cidr, c));
@@ -123,15 +132,16 @@ async function draftNetwork(engine: Engine, req: CreateNetworkRequest, predefine
 }
 
 /** Record a drafted network with its name claim and reservations, optimistically. */
-async function recordNetwork(engine: Engine, net: Network, metaVersion: number): Promise<boolean> {
+async function recordNetwork(engine: Engine, net: Network, metaVersion: number, claims: { compares: Compare[]; ops: Op[] } = { compares: [], ops: [] }): Promise<boolean> {
   const ops: Op[] = [
+    ...claims.ops,
     putJson(keys.network(net.id), net),
     { type: "put", key: networkNameKey(net), value: net.id },
     { type: "put", key: keys.networksMeta(), value: net.id },
     putJson(keys.pendingNetwork(net.id), net.owner),
     ...reservedAddresses(net.subnets.map(toPool)).map((r): Op => ({ type: "put", key: keys.ipam(net.id, r.address), value: r.holder })),
   ];
-  const res = await engine.store.txn([absent(networkNameKey(net)), { key: keys.networksMeta(), target: "version", op: "=", value: metaVersion }], ops);
+  const res = await engine.store.txn([absent(networkNameKey(net)), { key: keys.networksMeta(), target: "version", op: "=", value: metaVersion }, ...claims.compares], ops);
   return res.succeeded;
 }
 
@@ -146,6 +156,7 @@ async function deleteNetworkRows(engine: Engine, net: Network): Promise<void> {
       { type: "deletePrefix", prefix: keys.cursorPrefix(net.id) },
       { type: "delete", key: keys.pendingNetwork(net.id) },
       { type: "put", key: keys.networksMeta(), value: `-${net.id}` },
+      ...releaseVniOps(net),
     ],
   );
 }
@@ -163,7 +174,10 @@ export async function createNetwork(engine: Engine, req: CreateNetworkRequest): 
     const driver = drivers[draft.driver];
     const learnt = await driver.precheck(draft, await listNetworks(engine));
     if (learnt) Object.assign(draft.driverState, learnt);
-    return (await recordNetwork(engine, draft, meta?.version ?? 0)) ? draft : undefined;
+    // An overlay network claims its VXLAN id in the same transaction (src/cluster/vni.ts).
+    const vni = draft.driver === "overlay" ? await planVni(engine.store, draft) : undefined;
+    if (vni) draft.driverState.vni = vni.vni;
+    return (await recordNetwork(engine, draft, meta?.version ?? 0, vni)) ? draft : undefined;
   });
   try {
     faultPoint("network-create:after-store");
@@ -195,9 +209,11 @@ export async function networkEndpointCount(engine: Engine, netId: string): Promi
 }
 
 /** Remove a network: refused while endpoints exist and for predefined networks. */
-export async function removeNetwork(engine: Engine, ref: string): Promise<Network> {
+export async function removeNetwork(engine: Engine, ref: string, opts: { byDocker?: boolean } = {}): Promise<Network> {
   const net = await getNetwork(engine, ref);
   if (net.predefined) throw conflict(`${net.name} is a pre-defined network and cannot be removed`);
+  // A network Docker made through knit's plugin is Docker's to remove (prune skips it too).
+  if (net.labels[DockerLabels.network] && !opts.byDocker) throw conflict(`network ${net.name} belongs to Docker`, `remove it with: docker network rm ${net.name}`);
   // Sandboxes whose run or rm crashed may still hold endpoints here (best effort: what is
   // left still counts below).
   await repairSandboxes(engine).catch(() => undefined);
@@ -215,6 +231,27 @@ export async function removeNetwork(engine: Engine, ref: string): Promise<Networ
   }
   await finishNetworkRemoval(engine, marked);
   return net;
+}
+
+/**
+ * Give a network another name (the Docker plugin learns Docker's name only after the network
+ * exists). Fails with a conflict when the name is taken; the id and everything else stay.
+ */
+export async function renameNetwork(engine: Engine, id: string, name: string): Promise<Network> {
+  checkName(name, "network");
+  return retryTxn("network rename", async () => {
+    const kv = await engine.store.get(keys.network(id));
+    if (!kv) throw conflict(`network ${id.slice(0, 12)} does not exist`);
+    const net = JSON.parse(kv.value) as Network;
+    if (net.name === name) return net;
+    const renamed: Network = { ...net, name };
+    if (await engine.store.get(networkNameKey(renamed))) throw conflict(`network with name ${name} already exists`);
+    const res = await engine.store.txn(
+      [{ key: kv.key, target: "modRevision", op: "=", value: kv.modRevision }, absent(networkNameKey(renamed))],
+      [putJson(kv.key, renamed), { type: "delete", key: networkNameKey(net) }, { type: "put", key: networkNameKey(renamed), value: id }],
+    );
+    return res.succeeded ? renamed : undefined;
+  });
 }
 
 /**

@@ -8,6 +8,7 @@ import { listEndpoints, listMemberships } from "./endpoints.ts";
 import { sandboxStatus } from "./sandboxes.ts";
 import type { Engine } from "./engine.ts";
 import { drivers } from "../drivers/registry.ts";
+import { OverlayOptions } from "../drivers/overlay.ts";
 import { portBindingsView, portsView } from "../ports/view.ts";
 
 /** Docker's `network inspect` object. */
@@ -67,7 +68,8 @@ export async function networkView(engine: Engine, net: Network): Promise<Network
     ConfigFrom: { Network: "" },
     ConfigOnly: false,
     Containers: containers,
-    Options: net.options,
+    // Docker shows an overlay network's VNI among its options.
+    Options: net.driver === "overlay" ? { ...net.options, [OverlayOptions.vni]: String(net.driverState.vni ?? "") } : net.options,
     Labels: net.labels,
   };
 }
