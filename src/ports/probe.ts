@@ -54,6 +54,13 @@ async function probeUdp(hostIp: string, port: number): Promise<ProbeResult> {
  * Bind `hostIp:port` for `proto` in this network namespace and release it at once. "in-use":
  * a socket holds it; "not-local": `hostIp` is no address of this host.
  */
-export function probeHostPort(hostIp: string, port: number, proto: PortProtocol): Promise<ProbeResult> {
-  return proto === "tcp" ? probeTcp(hostIp, port) : probeUdp(hostIp, port);
+export async function probeHostPort(hostIp: string, port: number, proto: PortProtocol): Promise<ProbeResult> {
+  const probe = (): Promise<ProbeResult> => (proto === "tcp" ? probeTcp(hostIp, port) : probeUdp(hostIp, port));
+  // Another knit command probing the same port holds it for microseconds: a real listener
+  // is still there a moment later, a competing probe is not (then the store decides).
+  for (let attempt = 0; ; attempt++) {
+    const result = await probe();
+    if (result !== "in-use" || attempt === 2) return result;
+    await Bun.sleep(5 + Math.random() * 20); // jitter: two probers must not stay in step
+  }
 }
