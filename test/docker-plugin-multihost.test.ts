@@ -89,15 +89,9 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(plain.stderr).toContain("needs knit's IPAM driver");
   });
 
-  // KNOWN BUG (src/drivers/overlay.ts `firewall: () => undefined`): knit's DOCKER-USER accept
-  // rules (src/firewall/docker-user.ts, fed by syncFirewall from the drivers' firewall()
-  // descriptions) list no overlay bridge, so on a host where dockerd runs (iptables FORWARD
-  // policy DROP, bridge-nf-call-iptables=1) every bridged overlay frame is dropped: containers
-  // of the two hosts cannot reach each other (the control plane, the names and the way out are
-  // fine). With `iptables -I DOCKER-USER -i ov-<id12> -j ACCEPT` (and -o) on both hosts, both
-  // tests below pass. `test.failing` passes while the bug is there: when these report a
-  // failure, the bug is fixed and they become plain `test`s.
-  test.failing("containers on the two hosts reach each other by address and by name, and get out", async () => {
+  // On a Docker host (iptables FORWARD policy DROP, bridge-nf-call-iptables=1) bridged
+  // overlay frames pass only because the overlay bridge is a knit bridge in DOCKER-USER.
+  test("containers on the two hosts reach each other by address and by name, and get out", async () => {
     await h(0).d.dockerOk(["run", "-d", "--init", "--name", "a1", "--network", "ov", "bb", "sleep", "3600"]);
     await h(1).d.dockerOk(["run", "-d", "--init", "--name", "a2", "--network", "ov", "bb", "sleep", "3600"]);
     const a1 = await addrOf(h(0), "a1", "ov");
@@ -122,7 +116,7 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await pingFrom(h(0), "a1", INTERNET.server4)).toBeDefined();
   });
 
-  test.failing("knit sandboxes on the same overlay, and containers, find each other across hosts", async () => {
+  test("knit sandboxes on the same overlay, and containers, find each other across hosts", async () => {
     await cl.knitOk(h(1).c, ["run", "-d", "--name", "k2", "--network", "ov", "--", "sleep", "3600"]);
     try {
       const k2 = await cl.sandbox(h(1).c, "k2");

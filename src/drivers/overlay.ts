@@ -336,5 +336,14 @@ export const overlayDriver: NetworkDriver = {
     await deleteLink(hostVethName(endpoint.id));
   },
 
-  firewall: () => undefined,
+  // The overlay bridge is a knit bridge like any other for isolation and for Docker's
+  // DOCKER-USER chain (without those accepts, dockerd's FORWARD DROP kills bridged overlay
+  // frames on Docker hosts); it has no masquerade: egress is via docker_gwbridge.
+  firewall: (net) => ({
+    networkId: net.id,
+    bridge: overlayState(net).bridge,
+    subnets: net.subnets.map((s) => s.subnet),
+    masquerade: false,
+    internal: false,
+  }),
 };
