@@ -9,7 +9,7 @@
  */
 import { join } from "node:path";
 import { stdoutIsTty, writeOut } from "../cli/output.ts";
-import { INTERNET, KNIT_BIN, Lab, REPO_ROOT, type LabHost } from "../lab/lab.ts";
+import { INTERNET, KNIT_BIN, Lab, REPO_ROOT, waitFor, type LabHost } from "../lab/lab.ts";
 
 const bold = (s: string): string => (stdoutIsTty() ? `\x1b[1m${s}\x1b[0m` : s);
 
@@ -43,6 +43,9 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     const lan = await lab.lan("lan");
     const host = await lab.host("host");
     await lab.plug(host, lan, { ifname: "eth0", addresses: ["10.0.0.2/24"] });
+    // A plain machine on the same LAN: it reaches the web server only through the published port.
+    const laptop = await lab.ns("laptop");
+    await lab.plug(laptop, lan, { ifname: "eth0", addresses: ["10.0.0.3/24"] });
     await lab.router("rtr", [{ lan, addresses: ["10.0.0.1/24"] }], { internet: true });
     // The host's resolver, for names knit does not know: a tiny DNS server on the lab's
     // internet (never a real resolver). knit reads it instead of /etc/resolv.conf.
@@ -68,6 +71,16 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     await check(`web -> internet ${INTERNET.server4} (masquerade through the host)`, true, ping("web", INTERNET.server4));
     await check(`db -> internet ${INTERNET.server4}`, true, ping("db", INTERNET.server4));
 
+    writeOut(`\n${bold("A published port (knit run -p 8080:80, DNAT in knit's nft table):")}\n`);
+    const www = join(lab.dir, "_www");
+    await Bun.write(join(www, "index.html"), "hello from a knit sandbox\n");
+    await knit(host, ["run", "-d", "--name", "www", "--network", "front", "-p", "8080:80", "--", "busybox", "httpd", "-f", "-p", "80", "-h", www], true);
+    await knit(host, ["port", "www"]);
+    await check("laptop on the LAN -> http://10.0.0.2:8080/ (the host's LAN address)", true, async () =>
+      waitFor(async () => (await lab.httpGet(laptop, "http://10.0.0.2:8080/"))?.includes("hello from a knit sandbox") === true, 5000),
+    );
+    await check(`laptop on the LAN -> the sandbox's own address ${api} (not published)`, false, async () => lab.ping(laptop, api));
+
     writeOut(`\n${bold("Names (knit's DNS, served by the knit agent on each user network's gateway):")}\n`);
     await check(`web -> "api" by name (same network)`, true, ping("web", "api"));
     await check(`web -> "db" by name (network "back": the name is not visible)`, false, ping("web", "db"));
@@ -77,7 +90,7 @@ export async function demoMain(args: readonly string[]): Promise<number> {
     await knit(host, ["network", "inspect", "front"]);
 
     writeOut(`\n${bold("Cleaning up:")}\n`);
-    await knit(host, ["rm", "-f", "web", "api", "db"]);
+    await knit(host, ["rm", "-f", "web", "api", "db", "www"]);
     await knit(host, ["network", "rm", "front", "back"]);
     const links = (await host.exec(["ip", "-j", "link"])).stdout;
     const leftovers = (JSON.parse(links) as { ifname: string }[]).map((l) => l.ifname).filter((n) => n !== "lo" && !host.labLinks.has(n));
