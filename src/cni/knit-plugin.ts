@@ -30,8 +30,8 @@ import { keys, type Endpoint, type Network, type Sandbox } from "../model.ts";
 import { findNetwork, type Engine } from "../engine/engine.ts";
 import { connectSandbox, findMembership } from "../engine/endpoints.ts";
 import { drivers } from "../drivers/registry.ts";
-import { batchToken, getLink, ipBatch, listAddrs } from "../kernel/ip.ts";
-import { run, type Netns } from "../kernel/exec.ts";
+import { batchToken, getLink, ipBatch, linkMacs, listAddrs } from "../kernel/ip.ts";
+import type { Netns } from "../kernel/exec.ts";
 import { cidrContains, cidrSize, formatIp, parseCidr, parseIpWithPrefix, tryParseIp } from "../net/ip.ts";
 import { checkDnsSettings, dnsServerAddress, servesDns } from "../dns/resolvconf.ts";
 
@@ -118,17 +118,6 @@ async function buildResult(ctx: PluginContext, net: Network, ep: Endpoint, route
   }
   res.routes = resultRoutes(net, ep, routes);
   return mergeResults(ctx.conf.prevResult, res);
-}
-
-/** MACs of some host links, read with one `ip -j -batch` (one JSON array per line). */
-async function linkMacs(names: readonly string[]): Promise<Map<string, string>> {
-  const res = await run(["ip", "-j", "-batch", "-"], { stdin: names.map((n) => `link show dev ${batchToken(n)}\n`).join(""), allowFailure: true });
-  const out = new Map<string, string>();
-  for (const line of res.stdout.split("\n")) {
-    if (!line.startsWith("[")) continue;
-    for (const l of JSON.parse(line) as { ifname: string; address?: string }[]) if (l.address) out.set(l.ifname, l.address);
-  }
-  return out;
 }
 
 /** Addresses from a delegated IPAM result, as static addresses for the engine. */

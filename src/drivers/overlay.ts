@@ -27,8 +27,8 @@
  * ({@link ensureOverlayDevices}) and the peers to program ({@link programPeers}).
  */
 import { KnitError, conflict, invalid } from "../errors.ts";
-import { batchToken, deleteLink, getLink, ip, ipBatch, type LinkInfo } from "../kernel/ip.ts";
-import { run, runJson, netnsName } from "../kernel/exec.ts";
+import { batchToken, bridgeBatch, deleteLink, getLink, ip, ipBatch, type LinkInfo } from "../kernel/ip.ts";
+import { runJson, netnsName } from "../kernel/exec.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
 import { hostVethName, knitAlias } from "./bridge.ts";
 import type { Network } from "../model.ts";
@@ -285,12 +285,6 @@ export async function programPeers(net: Network, changes: PeerChanges): Promise<
   const fdbIn = changes.set.flatMap((p) => [`fdb replace ${p.mac} dev ${dev} dst ${batchToken(p.vtep)} self permanent`, `fdb replace ${p.mac} dev ${dev} master static`]);
   const neighIn = changes.set.flatMap((p) => p.ips.map((ip) => `neigh replace ${batchToken(ip)} lladdr ${p.mac} dev ${dev} nud permanent`));
   await Promise.all([bridgeBatch([...fdbOut]).then(() => bridgeBatch(fdbIn)), ipBatch(neighOut).then(() => ipBatch(neighIn))]);
-}
-
-/** Run `bridge` commands (one per line, without the leading `bridge`) in one process. */
-async function bridgeBatch(lines: readonly string[]): Promise<void> {
-  if (lines.length === 0) return;
-  await run(["bridge", "-batch", "-"], { stdin: `${lines.join("\n")}\n` });
 }
 
 export const overlayDriver: NetworkDriver = {

@@ -119,3 +119,20 @@ export async function deleteNetns(name: string): Promise<void> {
 
 /** True when the namespace file exists. */
 export const netnsExists = (ns: Netns): boolean => existsSync(ns.path);
+
+/** Run `bridge` commands (one per line, without the leading `bridge`) in one process. */
+export async function bridgeBatch(lines: readonly string[], ns?: Netns): Promise<void> {
+  if (lines.length === 0) return;
+  await run(["bridge", "-batch", "-"], ns ? { stdin: `${lines.join("\n")}\n`, netns: ns } : { stdin: `${lines.join("\n")}\n` });
+}
+
+/** MACs of some links, read with one `ip -j -batch` (one JSON array per line); missing links are left out. */
+export async function linkMacs(names: readonly string[]): Promise<Map<string, string>> {
+  const res = await run(["ip", "-j", "-batch", "-"], { stdin: names.map((n) => `link show dev ${batchToken(n)}\n`).join(""), allowFailure: true });
+  const out = new Map<string, string>();
+  for (const line of res.stdout.split("\n")) {
+    if (!line.startsWith("[")) continue;
+    for (const l of JSON.parse(line) as { ifname: string; address?: string }[]) if (l.address) out.set(l.ifname, l.address);
+  }
+  return out;
+}
