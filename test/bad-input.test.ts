@@ -14,7 +14,7 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Lab, NETNS_DIR, type LabHost, type LabNode } from "../src/lab/lab.ts";
 import { openSqliteStore } from "../src/store/sqlite.ts";
-import { assertHostClean } from "./leaks.ts";
+import { assertHostClean, knitNftState } from "./leaks.ts";
 
 setDefaultTimeout(60_000);
 
@@ -39,27 +39,6 @@ interface IpAddr {
   addr_info: { local: string; prefixlen: number; scope: string }[];
 }
 
-/** Drop what changes when an unchanged ruleset is re-applied (handles, version info). */
-function stripHandles(v: unknown): unknown {
-  if (Array.isArray(v)) return v.map(stripHandles);
-  if (v && typeof v === "object") {
-    return Object.fromEntries(Object.entries(v).filter(([k]) => k !== "handle").map(([k, x]) => [k, stripHandles(x)]));
-  }
-  return v;
-}
-
-/** knit's nft tables, handles stripped, as one string ("" when there is none). */
-async function knitNft(host: LabHost): Promise<string> {
-  const tables = JSON.parse((await host.exec(["nft", "-j", "list", "tables"])).stdout || "{}") as { nftables?: { table?: { family: string; name: string } }[] };
-  const out: unknown[] = [];
-  for (const t of tables.nftables ?? []) {
-    if (!t.table?.name.startsWith("knit")) continue;
-    const doc = JSON.parse((await host.exec(["nft", "-j", "list", "table", t.table.family, t.table.name])).stdout) as { nftables: Record<string, unknown>[] };
-    out.push(stripHandles(doc.nftables.filter((o) => !("metainfo" in o))));
-  }
-  return out.length ? JSON.stringify(out) : "";
-}
-
 /** Every key in the host's store. */
 async function storeKeys(host: LabHost): Promise<string[]> {
   const store = await openSqliteStore(host.stateDir);
@@ -78,7 +57,7 @@ async function snapshot(host: LabHost): Promise<Snapshot> {
     links: links.map((l) => `${l.ifname} ${l.linkinfo?.info_kind ?? ""} ${l.master ?? ""}`).sort(),
     addresses: addrs.flatMap((a) => a.addr_info.filter((i) => i.scope !== "link").map((i) => `${a.ifname} ${i.local}/${i.prefixlen}`)).sort(),
     netns: existsSync(NETNS_DIR) ? readdirSync(NETNS_DIR).filter((n) => n.startsWith("knit-")).sort() : [],
-    nft: await knitNft(host),
+    nft: await knitNftState(host),
     // meta/* are change counters (a rolled-back change may bump one), not objects.
     store: (await storeKeys(host)).filter((k) => !k.startsWith("meta/")).sort(),
     sandboxDirs: existsSync(sbDir) ? readdirSync(sbDir).sort() : [],

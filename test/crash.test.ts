@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { Lab, NETNS_DIR, type ExecResult, type LabHost, type LabNode, type NetnsRef } from "../src/lab/lab.ts";
 import { openSqliteStore } from "../src/store/sqlite.ts";
 import { FaultPoints, type FaultPoint } from "../src/engine/faults.ts";
-import { assertHostClean } from "./leaks.ts";
+import { assertHostClean, knitNftState } from "./leaks.ts";
 
 setDefaultTimeout(60_000);
 
@@ -57,25 +57,6 @@ interface IpAddr {
   addr_info: { family: string; local: string; prefixlen: number; scope: string }[];
 }
 
-function stripHandles(v: unknown): unknown {
-  if (Array.isArray(v)) return v.map(stripHandles);
-  if (v && typeof v === "object") {
-    return Object.fromEntries(Object.entries(v).filter(([k]) => k !== "handle").map(([k, x]) => [k, stripHandles(x)]));
-  }
-  return v;
-}
-
-async function knitNft(host: LabHost): Promise<string> {
-  const tables = JSON.parse((await host.exec(["nft", "-j", "list", "tables"])).stdout || "{}") as { nftables?: { table?: { family: string; name: string } }[] };
-  const out: unknown[] = [];
-  for (const t of tables.nftables ?? []) {
-    if (!t.table?.name.startsWith("knit")) continue;
-    const doc = JSON.parse((await host.exec(["nft", "-j", "list", "table", t.table.family, t.table.name])).stdout) as { nftables: Record<string, unknown>[] };
-    out.push(stripHandles(doc.nftables.filter((o) => !("metainfo" in o))));
-  }
-  return out.length ? JSON.stringify(out) : "";
-}
-
 /**
  * Links (names are random per endpoint, so veths count by bridge), addresses, knit
  * namespaces, nft tables, store keys (counters aside, see COUNTERS) and sandbox directories.
@@ -95,7 +76,7 @@ async function snapshot(host: LabHost): Promise<Snapshot> {
     links: links.map((l) => `${l.linkinfo?.info_kind === "veth" ? "veth*" : l.ifname} ${l.linkinfo?.info_kind ?? ""} ${l.master ?? ""}`).sort(),
     addresses: addrs.flatMap((a) => a.addr_info.filter((i) => i.scope !== "link").map((i) => `${a.ifname} ${i.local}/${i.prefixlen}`)).sort(),
     netns: existsSync(NETNS_DIR) ? readdirSync(NETNS_DIR).filter((n) => n.startsWith("knit-")).sort() : [],
-    nft: await knitNft(host),
+    nft: await knitNftState(host),
     store: storeKeys.sort(),
     sandboxDirs: existsSync(sbDir) ? readdirSync(sbDir).sort() : [],
   };

@@ -211,3 +211,24 @@ export async function assertHostClean(host: LabHost, opts: HostCleanOptions = {}
   };
   await assertNoLeaks(host, leakOpts);
 }
+
+/** Drop what changes when an unchanged ruleset is re-applied (rule handles). */
+function stripHandles(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(stripHandles);
+  if (v && typeof v === "object") {
+    return Object.fromEntries(Object.entries(v).filter(([k]) => k !== "handle").map(([k, x]) => [k, stripHandles(x)]));
+  }
+  return v;
+}
+
+/** knit's nft tables on a host, handles stripped, as one string ("" when there is none): for before/after comparisons. */
+export async function knitNftState(host: LabHost): Promise<string> {
+  const tables = JSON.parse((await host.exec(["nft", "-j", "list", "tables"])).stdout || "{}") as { nftables?: { table?: { family: string; name: string } }[] };
+  const out: unknown[] = [];
+  for (const t of tables.nftables ?? []) {
+    if (!t.table?.name.startsWith("knit")) continue;
+    const doc = JSON.parse((await host.exec(["nft", "-j", "list", "table", t.table.family, t.table.name])).stdout) as { nftables: Record<string, unknown>[] };
+    out.push(stripHandles(doc.nftables.filter((o) => !("metainfo" in o))));
+  }
+  return out.length ? JSON.stringify(out) : "";
+}
