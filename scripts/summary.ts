@@ -21,9 +21,12 @@ export interface TestCase {
   /** `file > describe > … > test`. */
   name: string;
   status: "passed" | "failed" | "skipped";
-  /** First line of the failure message. */
+  /** The failure message (its first lines are printed). */
   message?: string;
 }
+
+/** How many lines of a failure message the summary prints. */
+const MESSAGE_LINES = 12;
 
 const ENTITIES: Record<string, string> = { lt: "<", gt: ">", amp: "&", quot: '"', apos: "'" };
 
@@ -77,7 +80,7 @@ export function parseJunit(xml: string): TestCase[] {
     } else if ((name === "failure" || name === "error") && !closing && current) {
       const a = attrs(rest);
       current.status = "failed";
-      const msg = (a["message"] ?? a["type"] ?? "").split("\n")[0]?.trim();
+      const msg = (a["message"] ?? a["type"] ?? "").trim();
       if (msg) current.message = msg;
     } else if (name === "skipped" && !closing && current && current.status !== "failed") {
       current.status = "skipped";
@@ -146,7 +149,14 @@ function main(): number {
   const skipped = results.filter((r) => r.status === "skipped").length;
   if (failed.length) {
     console.log(`\nFailures (${failed.length}):`);
-    for (const f of failed) console.log(`  FAIL ${f.name}${f.message ? `: ${f.message}` : ""}`);
+    // The first lines of each message: CI shows only the tail of the output, so the reason
+    // for a failure must be here, not only in Bun's log above.
+    for (const f of failed) {
+      const lines = (f.message ?? "").split("\n").map((l) => l.trimEnd()).filter(Boolean);
+      const shown = lines.slice(0, MESSAGE_LINES);
+      if (lines.length > shown.length) shown.push(`… (${lines.length - shown.length} more lines in the log above)`);
+      console.log(`  FAIL ${f.name}${shown.length ? `: ${shown.join("\n      ")}` : ""}`);
+    }
   }
   if (skipped) {
     console.log(`\nSkipped (${skipped}):`);

@@ -50,7 +50,21 @@ export async function prepareOverlayJoin(engine: Engine, net: Network): Promise<
  * store knows now (adds only: removing is the agent's job, which compares with the kernel).
  */
 export async function ensureOverlayHost(engine: Engine, net: Network, host: HostRecord): Promise<void> {
-  const made = await ensureOverlayDevices(net, underlayOf(host));
+  let made = false;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      made = await ensureOverlayDevices(net, underlayOf(host));
+      break;
+    } catch (err) {
+      // The agent removes a network's devices once the host's last endpoint left, after a
+      // look at the store. A look taken just before this connect's claim lets that removal
+      // run under this call (seen: the bridge vanished between two of its steps). It runs
+      // once: the agent's next look sees the claim. So start over (after the removal had
+      // time to end); an error that is no race (a name taken by another link) is final.
+      if (attempt >= 3 || (err instanceof KnitError && err.code === "conflict")) throw err;
+      await Bun.sleep(20);
+    }
+  }
   if (!made) return;
   const [endpoints, hosts] = await Promise.all([listJson<Endpoint>(engine.store, keys.endpointsOf(net.id)), liveHosts(engine.store)]);
   const plan = planNetwork(net, endpoints, hosts, hostName());
