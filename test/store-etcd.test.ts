@@ -3,7 +3,9 @@
  * what only the cluster store must show: knit's keys and leases are really in etcd (checked
  * with etcdctl), a 3-member cluster keeps working when its leader stops, calls fail fast while
  * etcd is down and work again by themselves once it is back, a watch that missed a
- * compaction is told so and can resume, and a short-lived process exits promptly.
+ * compaction is told so and can resume, and a short-lived process exits promptly. Both
+ * clients run all of it: the gRPC one (etcd3, the agent's) and the JSON gateway one (fetch,
+ * the CLI's).
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { join } from "node:path";
@@ -11,7 +13,8 @@ import { KnitError } from "../src/errors.ts";
 import { type EtcdCluster, type EtcdMember, etcdMissing, startEtcdCluster } from "../src/lab/etcd.ts";
 import { Lab, waitFor } from "../src/lab/lab.ts";
 import { openEtcdStore } from "../src/store/etcd.ts";
-import { openStore, parseStoreSpec } from "../src/store/open.ts";
+import { openEtcdHttpStore } from "../src/store/etcd-http.ts";
+import { type EtcdClient, openStore, parseStoreSpec } from "../src/store/open.ts";
 import type { Store, WatchEvent } from "../src/store/store.ts";
 import { rejection, runStoreSuite } from "./store-suite.ts";
 
@@ -75,12 +78,9 @@ describe.skipIf(missing !== undefined)(title, () => {
   /** Three members: losing one, resuming a watch across a compaction. */
   let trio: EtcdCluster;
   const stores: Store[] = [];
-  /** A store this test closes in afterAll at the latest. */
-  const open = async (endpoints: readonly string[], options: { prefix?: string; watchGraceMs?: number } = {}): Promise<Store> => {
-    const store = await openEtcdStore({ endpoints, ...options });
-    stores.push(store);
-    return store;
-  };
+  /** A store of either client, not tracked. */
+  const openWith = async (client: EtcdClient, endpoints: readonly string[], options: { prefix?: string; watchGraceMs?: number } = {}): Promise<Store> =>
+    client === "grpc" ? openEtcdStore({ endpoints, ...options }) : openEtcdHttpStore({ endpoints, ...options });
 
   beforeAll(async () => {
     lab = await Lab.create("e");
@@ -108,27 +108,35 @@ describe.skipIf(missing !== undefined)(title, () => {
     return member;
   };
 
+  for (const client of ["grpc", "http"] as const satisfies readonly EtcdClient[]) {
+  /** A store this test closes in afterAll at the latest. */
+  const open = async (endpoints: readonly string[], options: { prefix?: string; watchGraceMs?: number } = {}): Promise<Store> => {
+    const store = await openWith(client, endpoints, options);
+    stores.push(store);
+    return store;
+  };
+
   /** The suite against a cluster; afterwards nothing it wrote may stay (checked with etcdctl). */
   const suite = (name: string, cluster: () => EtcdCluster): void =>
     runStoreSuite(
       name,
-      () => openEtcdStore({ endpoints: cluster().endpoints }),
+      () => openWith(client, cluster().endpoints),
       async () => {
-        const store = await openEtcdStore({ endpoints: cluster().endpoints });
+        const store = await openWith(client, cluster().endpoints);
         await store.txn([], [{ type: "deletePrefix", prefix: "conformance/" }]);
         await store.close();
         expect(await etcdctl(first(cluster()), ["get", "--prefix", "/knit/", "--keys-only"])).toBe("");
       },
     );
-  suite("etcd", () => solo);
+  suite(`etcd (${client} client)`, () => solo);
   // Three members: reads, writes and watches spread over members that must agree.
-  suite("etcd, 3 members", () => trio);
+  suite(`etcd, 3 members (${client} client)`, () => trio);
 
-  describe("EtcdStore", () => {
+  describe(`EtcdStore (${client} client)`, () => {
     test("knit's keys live under the root prefix in etcd; describe names the endpoints", async () => {
       const member = first(solo);
-      const store = await openStore(`etcd://${member.endpoint}`, "/nonexistent");
-      const team = await openStore(`etcd://${member.endpoint}/team1`, "/nonexistent");
+      const store = await openStore(`etcd://${member.endpoint}`, "/nonexistent", { etcdClient: client });
+      const team = await openStore(`etcd://${member.endpoint}/team1`, "/nonexistent", { etcdClient: client });
       try {
         expect(store.describe).toBe(`etcd:${member.endpoint}`);
         expect(team.describe).toBe(`etcd:${member.endpoint} (prefix /team1/)`);
@@ -188,7 +196,7 @@ describe.skipIf(missing !== undefined)(title, () => {
     test("a process that opens the store, reads a key and closes exits promptly", async () => {
       const script = `const t0 = performance.now();
         const { openStore } = await import(${JSON.stringify(join(import.meta.dir, "../src/store/open.ts"))});
-        const store = await openStore(${JSON.stringify(solo.spec)}, "/nonexistent");
+        const store = await openStore(${JSON.stringify(solo.spec)}, "/nonexistent", { etcdClient: ${JSON.stringify(client)} });
         const t1 = performance.now();
         await store.get("missing");
         await store.close();
@@ -204,7 +212,7 @@ describe.skipIf(missing !== undefined)(title, () => {
         runs.push({ total: exited - started, open: times.openMs, getClose: times.getCloseMs, exitAfterClose: exited - times.closedAt });
       }
       const rounded = runs.map((run) => Object.fromEntries(Object.entries(run).map(([k, v]) => [k, Math.round(v)])));
-      console.log(`etcd store process timings (ms): ${JSON.stringify(rounded)}`);
+      console.log(`etcd store (${client}) process timings (ms): ${JSON.stringify(rounded)}`);
       for (const run of runs) {
         expect(run.exitAfterClose).toBeLessThan(500);
         expect(run.total).toBeLessThan(5000);
@@ -237,7 +245,7 @@ describe.skipIf(missing !== undefined)(title, () => {
             return { name, err, elapsed: Date.now() - started };
           }),
         );
-        console.log(`etcd store down: calls failed after ${JSON.stringify(failures.map((f) => [f.name, f.elapsed]))} ms`);
+        console.log(`etcd store (${client}) down: calls failed after ${JSON.stringify(failures.map((f) => [f.name, f.elapsed]))} ms`);
         for (const { name, err, elapsed } of failures) {
           expect({ name, elapsedUnder3s: elapsed < 3000 }).toEqual({ name, elapsedUnder3s: true });
           expect(err).toBeInstanceOf(KnitError);
@@ -280,7 +288,7 @@ describe.skipIf(missing !== undefined)(title, () => {
         // Electing a new leader takes a moment (election timeout 1 s); then every write works.
         const crashedAt = Date.now();
         expect(await waitFor(async () => (await store.put("ha/probe", "x").catch(() => 0)) > 0, 15_000, 100)).toBe(true);
-        console.log(`etcd 3-member cluster: writes work again ${Date.now() - crashedAt} ms after the leader was killed`);
+        console.log(`etcd 3-member cluster (${client}): writes work again ${Date.now() - crashedAt} ms after the leader was killed`);
         for (let i = 0; i < 10; i++) {
           const claim = await store.txn([{ key: `ha/claim${i}`, target: "version", op: "=", value: 0 }], [{ type: "put", key: `ha/claim${i}`, value: `${i}` }]);
           expect(claim.succeeded).toBe(true);
@@ -346,4 +354,5 @@ describe.skipIf(missing !== undefined)(title, () => {
       expect(await etcdctl(member, ["get", "--prefix", "/knit/", "--keys-only"])).toBe("");
     });
   });
+  }
 });

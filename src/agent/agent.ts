@@ -75,7 +75,9 @@ export async function runAgent(opts: AgentOptions): Promise<number> {
   });
   let store: Store;
   try {
-    store = await openStore(opts.store, opts.stateDir);
+    // The agent runs for days on watch streams and its lease: the gRPC client, whose load
+    // time it pays once (the CLI uses etcd's JSON gateway instead; src/store/open.ts).
+    store = await openStore(opts.store, opts.stateDir, { etcdClient: "grpc" });
   } catch (err) {
     log.error("cannot open the store", { err, stateDir: opts.stateDir, store: opts.store });
     return 1;

@@ -43,10 +43,10 @@ import {
 } from "etcd3";
 import { KnitError, invalid, notFound } from "../errors.ts";
 import { checkEndpoint } from "./open.ts";
+import { DEFAULT_ETCD_PREFIX, isLeaseId, prefixEnd } from "./etcd-http.ts";
 import type { Compare, CompareOp, KeyValue, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
 
-/** Root prefix of knit's keys in etcd, unless configured. */
-export const DEFAULT_ETCD_PREFIX = "/knit/";
+export { DEFAULT_ETCD_PREFIX };
 /** Deadline of one store call, all retries included. */
 const OPERATION_TIMEOUT_MS = 2000;
 /** How long a watch keeps reconnecting before it reports onError. */
@@ -437,11 +437,6 @@ const COMPARE_RESULT: Record<CompareOp, "Equal" | "NotEqual" | "Less" | "Greater
   ">": "Greater",
 };
 
-/** A positive int64 in decimal: the form etcd's lease ids take here. */
-function isLeaseId(lease: string): boolean {
-  return /^[1-9][0-9]{0,18}$/.test(lease) && BigInt(lease) < 2n ** 63n;
-}
-
 /** Maps "lease not found" on a put to a not-found error naming the lease. */
 function leaseError(...ops: readonly Op[]): (err: unknown) => KnitError | undefined {
   return (err) => {
@@ -449,19 +444,6 @@ function leaseError(...ops: readonly Op[]): (err: unknown) => KnitError | undefi
     const leases = [...new Set(ops.flatMap((op) => (op.type === "put" && op.lease !== undefined ? [op.lease] : [])))];
     return notFound(`lease ${leases.join(", ") || "?"} not found`, "it expired or was revoked: grant a new lease");
   };
-}
-
-/** The least key above every key that starts with `prefix`; "\0" (no end) when none. */
-function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    const byte = end[i] ?? 0xff;
-    if (byte < 0xff) {
-      end[i] = byte + 1;
-      return end.subarray(0, i + 1);
-    }
-  }
-  return Buffer.from([0]);
 }
 
 /** Half-closes then cancels a stream; the cancel is no failure (no reset of the endpoint). */

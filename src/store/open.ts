@@ -6,8 +6,9 @@
  * - `sqlite:DIR`, or a plain directory: the embedded store in `DIR/knit.db`.
  * - nothing (undefined or ""): the embedded store in the state directory.
  *
- * The etcd client (gRPC and protobuf) takes a few hundred milliseconds to load under Bun, and
- * the CLI starts once per container, so it is imported only when a spec names etcd.
+ * The gRPC etcd client (etcd3, grpc-js, protobuf) takes 150 to 350 ms to load under Bun, and
+ * the CLI starts once per container: short-lived processes talk to etcd's JSON gateway with
+ * fetch instead ({@link EtcdClient}); the gRPC client is imported only by the agent.
  */
 import { resolve } from "node:path";
 import { invalid } from "../errors.ts";
@@ -56,10 +57,26 @@ export function checkEndpoint(endpoint: string, where = ""): void {
   }
 }
 
+/**
+ * Which etcd client a process uses: `http` (etcd's JSON gateway through fetch, nothing to
+ * load: for the CLI and the CNI plugin, which start once per container) or `grpc` (the etcd3
+ * package: for the agent, which runs for days on watch streams). See src/store/etcd-http.ts.
+ * KNIT_ETCD_CLIENT=grpc|http overrides the choice.
+ */
+export type EtcdClient = "http" | "grpc";
+
 /** Opens the store a spec names (see the file comment); `stateDir` is the default. */
-export async function openStore(spec: string | undefined, stateDir: string): Promise<Store> {
+export async function openStore(spec: string | undefined, stateDir: string, opts: { etcdClient?: EtcdClient } = {}): Promise<Store> {
   const parsed = parseStoreSpec(spec, stateDir);
   if (parsed.kind === "sqlite") return openSqliteStore(parsed.dir);
+  const options = parsed.prefix === undefined ? { endpoints: parsed.endpoints } : { endpoints: parsed.endpoints, prefix: parsed.prefix };
+  const env = process.env.KNIT_ETCD_CLIENT;
+  if (env !== undefined && env !== "" && env !== "http" && env !== "grpc") throw invalid(`KNIT_ETCD_CLIENT="${env}": use http or grpc`);
+  const client = env === "http" || env === "grpc" ? env : (opts.etcdClient ?? "http");
+  if (client === "http") {
+    const { openEtcdHttpStore } = await import("./etcd-http.ts");
+    return openEtcdHttpStore(options);
+  }
   const { openEtcdStore } = await import("./etcd.ts");
-  return openEtcdStore(parsed.prefix === undefined ? { endpoints: parsed.endpoints } : { endpoints: parsed.endpoints, prefix: parsed.prefix });
+  return openEtcdStore(options);
 }
