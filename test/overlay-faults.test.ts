@@ -32,10 +32,15 @@ let net = "";
 
 type Sb = Awaited<ReturnType<ClusterLab["sandbox"]>>;
 
-/** Start a ping that runs until stopped; returns a function that stops it and says how it went. */
+/**
+ * Start a ping that runs until stopped; returns a function that stops it and says how it went.
+ * It runs for at least 1.5 s (30 packets), however fast the commands in between were.
+ */
 function pingUntilStopped(from: Sb, to: string): () => Promise<{ sent: number; received: number }> {
   const proc: LabProcess = lab.spawn(from.ns, ["ping", "-n", "-i", "0.05", to]);
+  const started = performance.now();
   return async () => {
+    await Bun.sleep(Math.max(0, 1500 - (performance.now() - started)));
     proc.kill("SIGINT"); // ping prints its statistics on SIGINT
     await proc.exited;
     const m = /(\d+) packets transmitted, (\d+) received/.exec(proc.output());

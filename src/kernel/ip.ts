@@ -84,7 +84,9 @@ export async function deleteLink(name: string, ns?: Netns): Promise<boolean> {
   const { argv, netns } = ipArgv(ns, "link", "del", "dev", name);
   const res = await run(argv, { allowFailure: true, ...(netns ? { netns } : {}) });
   if (res.code === 0) return true;
-  if (/Cannot find device/.test(res.stderr)) return false;
+  // "Cannot find device": no such name. "No such device": the name was found, but the link
+  // was deleted by another process (the agent, a concurrent rm) before ip's delete reached it.
+  if (/Cannot find device|No such device/.test(res.stderr)) return false;
   throw new KnitError("kernel", `${argv.join(" ")} failed (exit ${res.code}): ${res.stderr.trim() || res.stdout.trim()}`);
 }
 
