@@ -93,9 +93,11 @@ interface Trace {
   marks: Record<string, number>;
   /** Store calls: count and milliseconds per method. */
   store: Record<string, { n: number; ms: number }>;
+  /** Every store call in order: milliseconds, method, key or prefix (or txn size). */
+  storeCalls: string[];
 }
 
-const trace: Trace | undefined = execTrace ? { marks: { load: performance.now() }, store: {} } : undefined;
+const trace: Trace | undefined = execTrace ? { marks: { load: performance.now() }, store: {}, storeCalls: [] } : undefined;
 
 /** The store, with every call counted and timed into `t` (for KNIT_TRACE). */
 function tracedStore(store: Store, t: Trace): Store {
@@ -107,9 +109,12 @@ function tracedStore(store: Store, t: Trace): Store {
         const started = performance.now();
         const out: unknown = Reflect.apply(value as (...a: unknown[]) => unknown, target, args);
         const done = (): void => {
+          const ms = performance.now() - started;
           const s = (t.store[prop] ??= { n: 0, ms: 0 });
           s.n++;
-          s.ms += performance.now() - started;
+          s.ms += ms;
+          const arg = typeof args[0] === "string" ? ` ${args[0]}` : Array.isArray(args[0]) ? ` (${args[0].length} compares, ${Array.isArray(args[1]) ? args[1].length : 0} ops)` : "";
+          t.storeCalls.push(`${ms.toFixed(2)} ${prop}${arg}`);
         };
         if (out instanceof Promise) return out.finally(done);
         done();
@@ -134,6 +139,7 @@ function printTrace(t: Trace): void {
     store: Object.fromEntries(Object.entries(t.store).map(([k, v]) => [k, { n: v.n, ms: round(v.ms) }])),
     exec: { spawns: execStats.spawns, ms: round(execStats.millis), byTool: Object.fromEntries(Object.entries(byTool).map(([k, v]) => [k, { n: v.n, ms: round(v.ms) }])) },
     commands: (execTrace ?? []).map((c) => `${round(c.ms)} ${c.argv}`),
+    storeCalls: t.storeCalls,
   };
   writeErr(`knit-trace: ${JSON.stringify(out)}\n`);
 }
