@@ -196,17 +196,17 @@ function report(res: InnerResult, spec: InnerSpec): void {
   const delWall = median(res.traces.delWall);
   const phases = (t: Record<string, number>): string =>
     Object.entries(t)
-      .filter(([key]) => !["inProcess", "kernelCalls", "kernelMs"].includes(key))
+      .filter(([key]) => !["inProcess", "kernelCalls", "kernelMs", "netlinkCalls", "netlinkMs"].includes(key))
       .map(([key, v]) => `${key} ${fmt(v)}`)
       .join(", ");
   lines.push("");
   lines.push("3. where the time of one knit ADD / DEL goes (median of 7, ms)");
   lines.push(`   ADD  wall ${fmt(addWall)} = runtime start+exit ${fmt(addWall - (add.inProcess ?? 0))} + knit ${fmt(add.inProcess ?? 0)}`);
   lines.push(`        knit: ${phases(add)}`);
-  lines.push(`        kernel: ${add.kernelCalls ?? 0} processes (ip), ${fmt(add.kernelMs ?? 0)} ms; firewall: none (masquerade is the network's rule)`);
+  lines.push(`        kernel: ${add.kernelCalls ?? 0} processes, ${fmt(add.kernelMs ?? 0)} ms; ${add.netlinkCalls ?? 0} netlink requests, ${fmt(add.netlinkMs ?? 0)} ms; firewall: none (masquerade is the network's rule)`);
   lines.push(`   DEL  wall ${fmt(delWall)} = runtime start+exit ${fmt(delWall - (del.inProcess ?? 0))} + knit ${fmt(del.inProcess ?? 0)}`);
   lines.push(`        knit: ${phases(del)}`);
-  lines.push(`        kernel: ${del.kernelCalls ?? 0} processes (ip), ${fmt(del.kernelMs ?? 0)} ms; firewall: none`);
+  lines.push(`        kernel: ${del.kernelCalls ?? 0} processes, ${fmt(del.kernelMs ?? 0)} ms; ${del.netlinkCalls ?? 0} netlink requests, ${fmt(del.netlinkMs ?? 0)} ms; firewall: none`);
   console.log(lines.join("\n"));
 }
 

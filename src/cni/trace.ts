@@ -3,7 +3,7 @@
  * KNIT_CNI_TRACE=1 the plugin prints one JSON line to stderr at the end: each phase marked
  * on the way (ms), the time from the first line of knit code to the end (`inProcess`; the
  * caller's wall clock minus this is the runtime's own start and exit), and the number and
- * total time of the kernel tool processes it ran (ip, nft, tc ...).
+ * total time of the kernel tool processes it ran (ip, nft, tc ...) and of its netlink requests.
  */
 import { writeSync } from "node:fs";
 
@@ -15,8 +15,11 @@ export function mark(phase: string): void {
   if (enabled) phases.push([phase, performance.now()]);
 }
 
-/** Print the trace (when enabled): phases as durations in ms, and kernel calls. */
-export function printTrace(kernel: { spawns: number; millis: number } | undefined): void {
+/**
+ * Print the trace (when enabled): phases as durations in ms, kernel tool processes, and
+ * in-process netlink requests (src/kernel/netlink.ts).
+ */
+export function printTrace(kernel: { spawns: number; millis: number; netlink?: number; netlinkMillis?: number } | undefined): void {
   if (!enabled) return;
   const out: Record<string, number> = {};
   for (let i = 1; i < phases.length; i++) {
@@ -27,6 +30,8 @@ export function printTrace(kernel: { spawns: number; millis: number } | undefine
   if (kernel) {
     out.kernelCalls = kernel.spawns;
     out.kernelMs = Math.round(kernel.millis);
+    out.netlinkCalls = kernel.netlink ?? 0;
+    out.netlinkMs = Math.round((kernel.netlinkMillis ?? 0) * 10) / 10;
   }
   writeSync(2, `knit-cni-trace ${JSON.stringify(out)}\n`);
 }

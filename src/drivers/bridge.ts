@@ -6,8 +6,8 @@
  * knit's links from everybody else's.
  */
 import { invalid, conflict } from "../errors.ts";
-import { batchToken, deleteLink, getLink, ip, ipBatch } from "../kernel/ip.ts";
-import { netnsName } from "../kernel/exec.ts";
+import { deleteLink, getLink } from "../kernel/ip.ts";
+import { isErrno, rtnl } from "../kernel/netlink.ts";
 import { formatIp, parseIp } from "../net/ip.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
 import type { Network } from "../model.ts";
@@ -110,44 +110,45 @@ export const bridgeDriver: NetworkDriver = {
 
   async ensureNetwork(net, pools) {
     const st = bridgeState(net);
-    const dev = batchToken(st.bridge);
-    // A fixed MAC: left alone, a bridge takes the lowest MAC of its ports, which changes as
-    // sandboxes come and go and leaves the others with a stale gateway MAC for seconds.
-    const settle = [`link set dev ${dev} mtu ${st.mtu} address ${bridgeMac(net, pools)} alias ${batchToken(knitAlias(net.id))}`];
-    // IPv6 on a bridge without DAD: the gateway must answer at once.
-    for (const g of gatewayAddresses(pools)) settle.push(`addr replace ${g.cidr} dev ${dev}${g.family === 6 ? " nodad" : ""}`);
-    settle.push(`link set dev ${dev} up`);
-    // Create first, look only when that fails: one process for a new network. The batch
-    // stops at its first error, so an existing link is left untouched until it is known to
-    // be a bridge (made before: reconcile; or a moment ago by another process).
-    try {
-      await ipBatch([`link add ${dev} type bridge`, ...settle]);
-    } catch (err) {
-      const link = await getLink(st.bridge);
-      if (link && link.linkinfo?.info_kind !== "bridge") throw conflict(`interface "${st.bridge}" exists but is not a bridge`);
-      if (!link) throw err;
-      await ipBatch(settle);
-    }
+    // In-process netlink, one request per step (src/kernel/netlink.ts).
+    rtnl(undefined, (r) => {
+      // Create first, look only when that fails: an existing link is left untouched until it
+      // is known to be a bridge (made before: reconcile; or a moment ago by another process).
+      try {
+        r.createLink(st.bridge, { kind: "bridge" });
+      } catch (err) {
+        if (!isErrno(err, "EEXIST")) throw err;
+        const link = r.getLink(st.bridge);
+        if (!link) throw err;
+        if (link.linkinfo?.info_kind !== "bridge") throw conflict(`interface "${st.bridge}" exists but is not a bridge`);
+      }
+      // A fixed MAC: left alone, a bridge takes the lowest MAC of its ports, which changes as
+      // sandboxes come and go and leaves the others with a stale gateway MAC for seconds.
+      r.setLink(st.bridge, { mtu: st.mtu, address: bridgeMac(net, pools), alias: knitAlias(net.id) });
+      // IPv6 on a bridge without DAD: the gateway must answer at once.
+      for (const g of gatewayAddresses(pools)) r.addAddress(st.bridge, g.cidr, { replace: true, nodad: g.family === 6 });
+      r.setLink(st.bridge, { up: true });
+    });
   },
 
   async deleteNetwork(net) {
     const { bridge } = bridgeState(net);
-    const link = await getLink(bridge);
-    if (link && link.linkinfo?.info_kind === "bridge") await ip(["link", "del", "dev", bridge]);
+    rtnl(undefined, (r) => {
+      if (r.getLink(bridge)?.linkinfo?.info_kind === "bridge") r.deleteLink(bridge);
+    });
   },
 
   async attach({ network, pools, endpoint, netns }) {
     const st = bridgeState(network);
     const host = hostVethName(endpoint.id);
-    const target = netnsName(netns) ?? netns.path;
-    // Create the pair with the container end already in its namespace under its final name:
-    // no rename, and "File exists" if the sandbox already has that interface.
-    await ipBatch([
-      `link add ${host} mtu ${st.mtu} type veth peer name ${batchToken(endpoint.ifname)} mtu ${st.mtu} netns ${batchToken(target)}`,
-      `link set dev ${host} master ${batchToken(st.bridge)} alias ${batchToken(knitAlias(endpoint.id))} up`,
+    rtnl(undefined, (r) => {
+      // Create the pair with the container end already in its namespace under its final
+      // name: no rename, and "File exists" (EEXIST) if the sandbox already has that interface.
+      r.createLink(host, { kind: "veth", peer: { name: endpoint.ifname, mtu: st.mtu, netns } }, { mtu: st.mtu });
+      r.setLink(host, { master: st.bridge, alias: knitAlias(endpoint.id), up: true });
       // icc=false: isolated ports cannot reach each other, only the bridge (the gateway).
-      ...(st.icc ? [] : [`link set dev ${host} type bridge_slave isolated on`]),
-    ]);
+      if (!st.icc) r.setBridgePort(host, { isolated: true });
+    });
     await configureSandboxIface(network, pools, endpoint, netns);
   },
 

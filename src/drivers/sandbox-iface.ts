@@ -2,22 +2,32 @@
  * The sandbox side of an endpoint, shared by every driver that hands out addresses: once the
  * driver has put a device named `endpoint.ifname` into the sandbox's namespace, this sets its
  * MAC, addresses (IPv6 without DAD, so it is usable at once) and default routes via the
- * network's gateways (none for --internal networks), in one `ip -batch` inside the namespace.
+ * network's gateways (none for --internal networks). One plan, applied through netlink on one
+ * socket inside the namespace (configureSandboxIface), or written as `ip -batch` lines for a
+ * driver that still batches its own lines with them (macvlan).
  */
-import { batchToken, ipBatch } from "../kernel/ip.ts";
+import { batchToken } from "../kernel/ip.ts";
+import { rtnl } from "../kernel/netlink.ts";
 import type { Netns } from "../kernel/exec.ts";
 import { cidrContains, formatIp, parseIpWithPrefix } from "../net/ip.ts";
 import type { Endpoint, Network } from "../model.ts";
 import type { Pool } from "../ipam/ipam.ts";
 
-/** The `ip -batch` lines that configure the endpoint's device inside its sandbox. */
-export function sandboxIfaceLines(network: Network, pools: readonly Pool[], endpoint: Endpoint, setMac = true): string[] {
-  const dev = batchToken(endpoint.ifname);
-  const lines = setMac ? [`link set dev ${dev} address ${endpoint.mac}`] : [];
-  if (endpoint.ipv4) lines.push(`addr add ${endpoint.ipv4} dev ${dev}`);
-  if (endpoint.ipv6) lines.push(`addr add ${endpoint.ipv6} dev ${dev} nodad`);
-  lines.push(`link set dev ${dev} up`);
-  if (network.internal) return lines;
+/** What the sandbox side of an endpoint gets, in the order it is applied. */
+export interface SandboxIfacePlan {
+  dev: string;
+  mac?: string;
+  addresses: { cidr: string; nodad: boolean }[];
+  /** Default routes: one per family with a gateway, all with the interface's metric. */
+  routes: { gateway: string; metric: number }[];
+}
+
+/** The plan for the endpoint's device inside its sandbox. */
+export function sandboxIfacePlan(network: Network, pools: readonly Pool[], endpoint: Endpoint, setMac = true): SandboxIfacePlan {
+  const plan: SandboxIfacePlan = { dev: endpoint.ifname, addresses: [], routes: [], ...(setMac ? { mac: endpoint.mac } : {}) };
+  if (endpoint.ipv4) plan.addresses.push({ cidr: endpoint.ipv4, nodad: false });
+  if (endpoint.ipv6) plan.addresses.push({ cidr: endpoint.ipv6, nodad: true });
+  if (network.internal) return plan;
   // One default route per interface, its metric the interface's number (eth0: 0, eth1: 1):
   // joining a second network keeps the first one's gateway, as in Docker, and leaving a
   // network falls back to the next interface's route by itself. Only a route with exactly
@@ -26,12 +36,29 @@ export function sandboxIfaceLines(network: Network, pools: readonly Pool[], endp
   for (const p of pools) {
     const addr = p.subnet.family === 4 ? endpoint.ipv4 : endpoint.ipv6;
     if (!p.gateway || !addr || !cidrContains(p.subnet, parseIpWithPrefix(addr).ip)) continue;
-    lines.push(`route replace default via ${formatIp(p.gateway)} dev ${dev} metric ${metric}`);
+    plan.routes.push({ gateway: formatIp(p.gateway), metric });
   }
+  return plan;
+}
+
+/** The `ip -batch` lines that configure the endpoint's device inside its sandbox. */
+export function sandboxIfaceLines(network: Network, pools: readonly Pool[], endpoint: Endpoint, setMac = true): string[] {
+  const plan = sandboxIfacePlan(network, pools, endpoint, setMac);
+  const dev = batchToken(plan.dev);
+  const lines = plan.mac ? [`link set dev ${dev} address ${plan.mac}`] : [];
+  for (const a of plan.addresses) lines.push(`addr add ${a.cidr} dev ${dev}${a.nodad ? " nodad" : ""}`);
+  lines.push(`link set dev ${dev} up`);
+  for (const r of plan.routes) lines.push(`route replace default via ${r.gateway} dev ${dev} metric ${r.metric}`);
   return lines;
 }
 
-/** Configure the endpoint's device inside the sandbox. */
+/** Configure the endpoint's device inside the sandbox: netlink requests on one socket there. */
 export async function configureSandboxIface(network: Network, pools: readonly Pool[], endpoint: Endpoint, netns: Netns, setMac = true): Promise<void> {
-  await ipBatch(sandboxIfaceLines(network, pools, endpoint, setMac), netns);
+  const plan = sandboxIfacePlan(network, pools, endpoint, setMac);
+  rtnl(netns, (r) => {
+    if (plan.mac) r.setLink(plan.dev, { address: plan.mac });
+    for (const a of plan.addresses) r.addAddress(plan.dev, a.cidr, { nodad: a.nodad });
+    r.setLink(plan.dev, { up: true });
+    for (const route of plan.routes) r.addRoute({ dst: "default", gateway: route.gateway, dev: plan.dev, metric: route.metric, replace: true });
+  });
 }

@@ -1,7 +1,8 @@
 /**
  * Running kernel tools. Commands are argv arrays (never a shell); a namespace is entered by
- * `ip -n NAME` for named namespaces or by `nsenter --net=PATH` for any other path, so the
- * runtime's own threads never switch namespaces.
+ * `ip -n NAME` for named namespaces or by `nsenter --net=PATH` for any other path. (The
+ * in-process netlink path, netlink-socket.ts, enters a namespace only for the synchronous
+ * moment it takes to open a socket there.)
  */
 import { KnitError } from "../errors.ts";
 
@@ -36,14 +37,28 @@ export interface RunOptions {
   allowFailure?: boolean;
 }
 
-/** Count of commands spawned, for benchmarks that report where time goes. */
-export const execStats = { spawns: 0, millis: 0 };
+/**
+ * Count of commands spawned, and of netlink requests made in-process (src/kernel/netlink.ts),
+ * for benchmarks that report where time goes.
+ */
+export const execStats = { spawns: 0, millis: 0, netlink: 0, netlinkMillis: 0 };
 
 /**
  * With KNIT_TRACE=1, every command run (argv without the namespace prefix, shortened) and its
  * milliseconds, for the CLI's trace at exit (src/cli/main.ts). Undefined otherwise.
  */
 export const execTrace: { argv: string; ms: number }[] | undefined = process.env.KNIT_TRACE === "1" ? [] : undefined;
+
+/**
+ * Count one netlink request (or socket set-up) and its milliseconds; with KNIT_TRACE=1 it is
+ * listed with the commands as `netlink WHAT`, so traces show the kernel calls that spawn
+ * nothing.
+ */
+export function recordNetlink(what: string, ms: number): void {
+  execStats.netlink++;
+  execStats.netlinkMillis += ms;
+  execTrace?.push({ argv: `netlink ${what}`, ms });
+}
 
 /** Run one command and collect its output; a non-zero exit throws a KnitError("kernel"). */
 export async function run(argv: readonly string[], opts: RunOptions = {}): Promise<RunResult> {

@@ -1,22 +1,30 @@
 /**
- * iproute2: links, addresses, routes and namespaces. Changes go through `ip -batch` so that
- * one endpoint costs one process per namespace; reads use `ip -j` and are parsed into types.
+ * iproute2: links, addresses, routes and namespaces. Reads (links, addresses, routes) and
+ * link deletion go through in-process rtnetlink (netlink.ts), which returns the same shapes
+ * `ip -j` printed; so do the hot paths' changes (netlink.ts `rtnl`). The rarer changes still
+ * go through `ip -batch`, one process per namespace.
  */
 import { existsSync } from "node:fs";
-import { KnitError } from "../errors.ts";
-import { run, runJson, netnsName, type Netns, NETNS_DIR } from "./exec.ts";
+import { run, netnsName, type Netns, NETNS_DIR } from "./exec.ts";
+import * as netlink from "./netlink.ts";
 
-/** The subset of `ip -j link` that knit reads. */
+/**
+ * The subset of `ip -j -d link` that knit reads (decoded by netlink.ts as iproute2 prints
+ * it; `info_data` for vxlan and macvlan links, `info_slave_data` for bridge ports).
+ */
 export interface LinkInfo {
   ifindex: number;
   ifname: string;
   link?: string;
+  /** Index of the peer (`link`) when it lives in another namespace (`link_netnsid`). */
+  link_index?: number;
   master?: string;
   mtu: number;
   operstate: string;
   flags: string[];
+  link_type?: string;
   address?: string;
-  linkinfo?: { info_kind?: string; info_data?: Record<string, unknown>; info_slave_kind?: string };
+  linkinfo?: { info_kind?: string; info_data?: Record<string, unknown>; info_slave_kind?: string; info_slave_data?: Record<string, unknown> };
   link_netnsid?: number;
   ifalias?: string;
 }
@@ -34,6 +42,7 @@ export interface RouteInfo {
   scope?: string;
   prefsrc?: string;
   type?: string;
+  metric?: number;
   /** The routing table, when it is not the main one (in `table all` listings). */
   table?: string;
 }
@@ -59,45 +68,33 @@ export async function ip(args: readonly string[], ns?: Netns, allowFailure = fal
   return (await run(argv, opts)).stdout;
 }
 
-async function ipJson<T>(args: readonly string[], ns?: Netns): Promise<T[]> {
-  const { argv, netns } = ipArgv(ns, "-j", ...args);
-  return runJson<T[]>(argv, [], netns ? { netns } : {});
-}
+/** Every link of a namespace (`ip -j -d link show`, through netlink). */
+export const listLinks = async (ns?: Netns): Promise<LinkInfo[]> => netlink.listLinks(ns);
 
-export const listLinks = (ns?: Netns): Promise<LinkInfo[]> => ipJson<LinkInfo>(["-d", "link", "show"], ns);
-
-/** One link by name, or undefined when it does not exist. */
+/**
+ * One link by name, or undefined when it does not exist (nor does the namespace, as when
+ * `ip` said so).
+ */
 export async function getLink(name: string, ns?: Netns): Promise<LinkInfo | undefined> {
-  const { argv, netns } = ipArgv(ns, "-j", "-d", "link", "show", "dev", name);
-  const res = await run(argv, { allowFailure: true, ...(netns ? { netns } : {}) });
-  if (res.code !== 0) return undefined;
-  return (JSON.parse(res.stdout) as LinkInfo[])[0];
+  if (ns && !netnsExists(ns)) return undefined;
+  return netlink.getLink(name, ns);
 }
 
-export const listAddrs = (ns?: Netns): Promise<AddrInfo[]> => ipJson<AddrInfo>(["addr", "show"], ns);
+/** Every link with its addresses (`ip -j addr show`, through netlink). */
+export const listAddrs = async (ns?: Netns): Promise<AddrInfo[]> => netlink.listAddrs(ns);
 
 /**
  * Delete a link: true when it was deleted, false when no link has that name (already gone is
- * fine). One process, without looking the link up first.
+ * fine, also when another process deleted it a moment ago). One netlink request.
  */
-export async function deleteLink(name: string, ns?: Netns): Promise<boolean> {
-  const { argv, netns } = ipArgv(ns, "link", "del", "dev", name);
-  const res = await run(argv, { allowFailure: true, ...(netns ? { netns } : {}) });
-  if (res.code === 0) return true;
-  // "Cannot find device": no such name. "No such device": the name was found, but the link
-  // was deleted by another process (the agent, a concurrent rm) before ip's delete reached it.
-  if (/Cannot find device|No such device/.test(res.stderr)) return false;
-  throw new KnitError("kernel", `${argv.join(" ")} failed (exit ${res.code}): ${res.stderr.trim() || res.stdout.trim()}`);
-}
+export const deleteLink = async (name: string, ns?: Netns): Promise<boolean> => netlink.deleteLink(name, ns);
 
 /**
- * All routes of both families in the main table, in one process: `route show table all`
- * dumps both families (`-4`/`-6` would take one process each) and names the table of every
- * route outside the main one.
+ * All routes of both families in the main table: one dump of every table and family (as
+ * `ip route show table all`), keeping the main table's.
  */
 export async function listRoutes(ns?: Netns): Promise<RouteInfo[]> {
-  const all = await ipJson<RouteInfo>(["route", "show", "table", "all"], ns);
-  return all.filter((r) => r.table === undefined || r.table === "main");
+  return netlink.listRoutes(ns).filter((r) => r.table === undefined || r.table === "main");
 }
 
 /** Quote a token for `ip -batch` input (which splits on white space and honours quotes). */
@@ -109,8 +106,9 @@ export function batchToken(s: string): string {
 /** Create a named namespace, with loopback up. */
 export async function createNetns(name: string): Promise<Netns> {
   await run(["ip", "netns", "add", name]);
-  await run(["ip", "-n", name, "link", "set", "lo", "up"]);
-  return { path: `${NETNS_DIR}/${name}` };
+  const ns = { path: `${NETNS_DIR}/${name}` };
+  netlink.rtnl(ns, (r) => r.setLink("lo", { up: true }));
+  return ns;
 }
 
 /** Delete a named namespace; already gone is fine. */
@@ -128,13 +126,14 @@ export async function bridgeBatch(lines: readonly string[], ns?: Netns): Promise
   await run(["bridge", "-batch", "-"], ns ? { stdin: `${lines.join("\n")}\n`, netns: ns } : { stdin: `${lines.join("\n")}\n` });
 }
 
-/** MACs of some links, read with one `ip -j -batch` (one JSON array per line); missing links are left out. */
+/** MACs of some links (one netlink request each); missing links are left out. */
 export async function linkMacs(names: readonly string[]): Promise<Map<string, string>> {
-  const res = await run(["ip", "-j", "-batch", "-"], { stdin: names.map((n) => `link show dev ${batchToken(n)}\n`).join(""), allowFailure: true });
-  const out = new Map<string, string>();
-  for (const line of res.stdout.split("\n")) {
-    if (!line.startsWith("[")) continue;
-    for (const l of JSON.parse(line) as { ifname: string; address?: string }[]) if (l.address) out.set(l.ifname, l.address);
-  }
-  return out;
+  return netlink.rtnl(undefined, (r) => {
+    const out = new Map<string, string>();
+    for (const n of names) {
+      const mac = r.linkMac(n);
+      if (mac) out.set(n, mac);
+    }
+    return out;
+  });
 }

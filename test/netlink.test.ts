@@ -1,0 +1,335 @@
+/**
+ * knit's in-process rtnetlink (src/kernel/netlink.ts) against iproute2, in a lab: every
+ * change is made through netlink in a lab namespace and read back with `ip -j`; every read
+ * is compared field by field with what `ip -j` prints for the same kernel state. Errors must
+ * say what failed and why, leave nothing behind, and leave the calling thread in its own
+ * network namespace (checked after every test).
+ *
+ *   h (a lab host: bridge, veth host ends)  ──veth──  s (a sandbox-like namespace)
+ */
+import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { readlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { Lab, type LabHost, type LabNode, type NetnsRef } from "../src/lab/lab.ts";
+import { getLink, listAddrs, listLinks, listRoutes, rtnl, deleteLink, isErrno, NetlinkError } from "../src/kernel/netlink.ts";
+import { execStats } from "../src/kernel/exec.ts";
+import { KnitError } from "../src/errors.ts";
+import { assertNoLeaks } from "./leaks.ts";
+
+setDefaultTimeout(60_000);
+
+let lab: Lab;
+let h: LabHost;
+let s: LabNode;
+/** The test process's own namespace, which every netlink call must leave it in. */
+let home = "";
+
+type Json = Record<string, unknown>;
+
+async function ipj<T = Json>(node: NetnsRef, args: readonly string[]): Promise<T[]> {
+  return JSON.parse((await lab.exec(node, ["ip", "-j", ...args])).stdout || "[]") as T[];
+}
+
+/** The fields of `ip -j -d link show dev NAME` that knit's LinkInfo carries. */
+async function ipLink(node: NetnsRef, name: string): Promise<Json> {
+  const l = (await ipj(node, ["-d", "link", "show", "dev", name]))[0];
+  if (!l) throw new Error(`ip shows no ${name}`);
+  return l;
+}
+
+/** `a`'s fields as `b` has them: every field netlink returned, compared with ip's. */
+function sameFields(mine: object, ip: Json, skip: readonly string[] = []): void {
+  const m = mine as Json;
+  for (const key of Object.keys(m)) {
+    if (skip.includes(key) || key === "linkinfo") continue;
+    expect({ [key]: m[key] }).toEqual({ [key]: ip[key] });
+  }
+  const li = m.linkinfo as Json | undefined;
+  const ipli = ip.linkinfo as Json | undefined;
+  expect(li === undefined).toBe(ipli === undefined);
+  if (!li || !ipli) return;
+  expect(li.info_kind).toEqual(ipli.info_kind);
+  expect(li.info_slave_kind).toEqual(ipli.info_slave_kind);
+  // info_data / info_slave_data: the fields knit decodes, as ip prints them.
+  for (const key of ["info_data", "info_slave_data"] as const) {
+    const mine = li[key] as Json | undefined;
+    if (!mine) continue;
+    const theirs = (ipli[key] ?? {}) as Json;
+    for (const [k, v] of Object.entries(mine)) expect({ [`${key}.${k}`]: v }).toEqual({ [`${key}.${k}`]: theirs[k] });
+  }
+}
+
+const linkNames = async (node: NetnsRef): Promise<string[]> => (await ipj<{ ifname: string }>(node, ["link", "show"])).map((l) => l.ifname).sort();
+
+/** The NetlinkError (or KnitError) a call throws. */
+function failure(fn: () => unknown): KnitError {
+  try {
+    fn();
+  } catch (err) {
+    if (err instanceof KnitError) return err;
+    throw err;
+  }
+  throw new Error("expected the call to fail");
+}
+
+beforeAll(async () => {
+  home = readlinkSync("/proc/thread-self/ns/net");
+  lab = await Lab.create("nl");
+  h = await lab.host("h");
+  s = await lab.ns("s");
+});
+
+afterEach(async () => {
+  // The thread is back in its own namespace, whatever the test did.
+  expect(readlinkSync("/proc/thread-self/ns/net")).toBe(home);
+  for (const node of [h, s]) {
+    for (const name of await linkNames(node)) if (name !== "lo") await lab.exec(node, ["ip", "link", "del", "dev", name], { check: false });
+  }
+  await assertNoLeaks(h);
+  expect(await linkNames(s)).toEqual(["lo"]);
+});
+
+afterAll(async () => {
+  await lab.cleanup();
+});
+
+describe("links", () => {
+  test("a bridge: created, MTU, MAC, alias, addresses (IPv6 nodad), up; as ip shows it", async () => {
+    rtnl(h.netns, (r) => {
+      r.createLink("br-nl", { kind: "bridge" });
+      r.setLink("br-nl", { mtu: 1400, address: "02:42:0A:1E:00:01", alias: "knit:net 1" });
+      r.addAddress("br-nl", "10.30.0.1/24", { replace: true });
+      r.addAddress("br-nl", "fd00:30::1/64", { replace: true, nodad: true });
+      r.setLink("br-nl", { up: true });
+    });
+    const ip = await ipLink(h, "br-nl");
+    expect(ip).toMatchObject({ mtu: 1400, address: "02:42:0a:1e:00:01", ifalias: "knit:net 1", linkinfo: { info_kind: "bridge" } });
+    expect(ip.flags).toContain("UP");
+    const mine = getLink("br-nl", h.netns);
+    expect(mine).toBeDefined();
+    sameFields(mine ?? {}, ip);
+    const addrs = (await ipj<{ ifname: string; addr_info: Json[] }>(h, ["addr", "show", "dev", "br-nl"]))[0]?.addr_info ?? [];
+    expect(addrs.filter((a) => a.scope === "global").map((a) => [a.local, a.prefixlen, a.nodad ?? false])).toEqual([
+      ["10.30.0.1", 24, false],
+      ["fd00:30::1", 64, true],
+    ]);
+    // replace: the same address again is fine.
+    rtnl(h.netns, (r) => r.addAddress("br-nl", "10.30.0.1/24", { replace: true }));
+  });
+
+  test("a veth pair, the peer made in another namespace under its final name; master, alias, isolated, hairpin", async () => {
+    rtnl(h.netns, (r) => {
+      r.createLink("br-nl", { kind: "bridge" });
+      r.setLink("br-nl", { up: true });
+      r.createLink("vethnl1", { kind: "veth", peer: { name: "eth3", mtu: 1450, netns: s.netns } }, { mtu: 1450 });
+      r.setLink("vethnl1", { master: "br-nl", alias: "knit:ep1", up: true });
+      r.setBridgePort("vethnl1", { isolated: true, hairpin: true });
+    });
+    const ip = await ipLink(h, "vethnl1");
+    expect(ip).toMatchObject({ mtu: 1450, master: "br-nl", ifalias: "knit:ep1", linkinfo: { info_kind: "veth", info_slave_kind: "bridge", info_slave_data: { isolated: true, hairpin: true } } });
+    const mine = getLink("vethnl1", h.netns);
+    sameFields(mine ?? {}, ip);
+    expect(mine?.linkinfo?.info_slave_data).toEqual({ hairpin: true, learning: true, isolated: true });
+    expect(mine?.link_netnsid).toBeNumber();
+    const peer = await ipLink(s, "eth3");
+    expect(peer.mtu).toBe(1450);
+    sameFields(getLink("eth3", s.netns) ?? {}, peer);
+    // Every link of both namespaces, as a dump, matches ip's dump.
+    for (const node of [h, s]) {
+      const ipAll = await ipj(node, ["-d", "link", "show"]);
+      const all = listLinks(node.netns);
+      expect(all.map((l) => l.ifname)).toEqual(ipAll.map((l) => String(l.ifname)));
+      for (const l of all) sameFields(l, ipAll.find((x) => x.ifname === l.ifname) ?? {});
+    }
+  });
+
+  test("a veth pair inside one namespace: link names its peer, M-DOWN while the peer is down", async () => {
+    rtnl(h.netns, (r) => {
+      r.createLink("va", { kind: "veth", peer: { name: "vb" } });
+      r.setLink("va", { up: true, promisc: true });
+    });
+    for (const name of ["va", "vb"]) {
+      const mine = getLink(name, h.netns);
+      expect(mine?.link).toBe(name === "va" ? "vb" : "va");
+      sameFields(mine ?? {}, await ipLink(h, name));
+    }
+    expect(getLink("va", h.netns)?.flags).toEqual(["NO-CARRIER", "BROADCAST", "MULTICAST", "PROMISC", "UP", "M-DOWN"]);
+  });
+
+  test("vxlan and macvlan links made by ip decode as ip -d shows them", async () => {
+    await h.exec(["ip", "link", "add", "dum0", "type", "ifb"]);
+    await h.exec(["ip", "addr", "add", "10.31.0.1/24", "dev", "dum0"]);
+    await h.exec(["ip", "link", "set", "dum0", "up"]);
+    await h.exec(["ip", "link", "add", "vx0", "type", "vxlan", "id", "4242", "dstport", "4789", "local", "10.31.0.1", "dev", "dum0", "nolearning", "proxy"]);
+    await h.exec(["ip", "link", "add", "mv0", "link", "dum0", "type", "macvlan", "mode", "bridge"]);
+    const vx = getLink("vx0", h.netns);
+    expect(vx?.linkinfo?.info_data).toMatchObject({ id: 4242, port: 4789, local: "10.31.0.1", link: "dum0", learning: false, proxy: true });
+    sameFields(vx ?? {}, await ipLink(h, "vx0"));
+    const mv = getLink("mv0", h.netns);
+    expect(mv?.linkinfo?.info_data).toEqual({ mode: "bridge" });
+    sameFields(mv ?? {}, await ipLink(h, "mv0"));
+  });
+
+  test("setLink: addrgenmode none keeps even the link-local address away; down and release from the bridge", async () => {
+    rtnl(h.netns, (r) => {
+      r.createLink("br-nl", { kind: "bridge" });
+      r.createLink("dnl", { kind: "ifb" }, { mtu: 1300 });
+      r.setLink("dnl", { addrgenmode: "none" });
+      r.setLink("dnl", { master: "br-nl", up: true });
+    });
+    expect((await ipLink(h, "dnl")).master).toBe("br-nl");
+    expect((await ipLink(h, "dnl")).inet6_addr_gen_mode).toBe("none");
+    expect(listAddrs(h.netns).find((a) => a.ifname === "dnl")?.addr_info).toEqual([]);
+    rtnl(h.netns, (r) => r.setLink("dnl", { master: "", up: false }));
+    const ip = await ipLink(h, "dnl");
+    expect(ip.master).toBeUndefined();
+    expect(ip.flags).not.toContain("UP");
+    sameFields(getLink("dnl", h.netns) ?? {}, ip);
+  });
+
+  test("deleteLink: true when deleted, false when there is none; getLink of a missing link is undefined", async () => {
+    rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
+    expect(deleteLink("dnl", h.netns)).toBe(true);
+    expect(await linkNames(h)).toEqual(["lo"]);
+    expect(deleteLink("dnl", h.netns)).toBe(false);
+    expect(getLink("dnl", h.netns)).toBeUndefined();
+    // A name no interface can have is simply not there.
+    expect(getLink("a-name-far-too-long", h.netns)).toBeUndefined();
+  });
+
+  test("a dump spanning many reads: 400 links, all listed", async () => {
+    rtnl(s.netns, (r) => {
+      for (let i = 0; i < 200; i++) r.createLink(`a${i}`, { kind: "veth", peer: { name: `b${i}` } });
+    });
+    const mine = listLinks(s.netns).map((l) => l.ifname);
+    expect(mine).toHaveLength(401);
+    expect(mine).toEqual((await ipj<{ ifname: string }>(s, ["link", "show"])).map((l) => l.ifname));
+    rtnl(s.netns, (r) => {
+      for (let i = 0; i < 200; i++) expect(r.deleteLink(`a${i}`)).toBe(true);
+    });
+    expect(await linkNames(s)).toEqual(["lo"]);
+  });
+});
+
+describe("addresses and routes", () => {
+  test("the sandbox side: MAC, addresses, up, default routes with metrics; listAddrs and listRoutes as ip shows them", async () => {
+    rtnl(h.netns, (r) => {
+      r.createLink("br-nl", { kind: "bridge" });
+      r.addAddress("br-nl", "10.32.0.1/24", { replace: true });
+      r.addAddress("br-nl", "fd00:32::1/64", { replace: true, nodad: true });
+      r.setLink("br-nl", { up: true });
+      r.createLink("vethnl2", { kind: "veth", peer: { name: "eth1", netns: s.netns } });
+      r.setLink("vethnl2", { master: "br-nl", up: true });
+    });
+    rtnl(s.netns, (r) => {
+      r.setLink("eth1", { address: "02:42:0a:20:00:02" });
+      r.addAddress("eth1", "10.32.0.2/24");
+      r.addAddress("eth1", "fd00:32::2/64", { nodad: true });
+      r.setLink("eth1", { up: true });
+      r.addRoute({ dst: "default", gateway: "10.32.0.1", dev: "eth1", metric: 1, replace: true });
+      r.addRoute({ dst: "default", gateway: "fd00:32::1", dev: "eth1", metric: 1, replace: true });
+      r.addRoute({ dst: "192.0.2.0/24", gateway: "10.32.0.1", dev: "eth1", replace: true });
+      r.addRoute({ dst: "198.51.100.0/24", dev: "eth1" });
+      r.addRoute({ dst: "203.0.113.0/24", gateway: "10.99.0.1", dev: "eth1", onlink: true });
+      // replace twice: one route.
+      r.addRoute({ dst: "default", gateway: "10.32.0.1", dev: "eth1", metric: 1, replace: true });
+    });
+    expect((await ipLink(s, "eth1")).address).toBe("02:42:0a:20:00:02");
+    const ipAddrs = await ipj<{ ifname: string; addr_info: Json[] }>(s, ["addr", "show"]);
+    const mine = listAddrs(s.netns);
+    expect(mine.map((a) => a.ifname)).toEqual(ipAddrs.map((a) => a.ifname));
+    for (const a of mine) {
+      const theirs = ipAddrs.find((x) => x.ifname === a.ifname)?.addr_info ?? [];
+      expect(a.addr_info as Json[]).toEqual(theirs.map((i) => ({ family: i.family, local: i.local, prefixlen: i.prefixlen, scope: i.scope })));
+    }
+    expect((ipAddrs.find((a) => a.ifname === "eth1")?.addr_info ?? []).find((i) => i.local === "fd00:32::2")?.nodad).toBe(true);
+
+    const ipRoutes = await ipj(s, ["route", "show", "table", "all"]);
+    const routes = listRoutes(s.netns);
+    expect(routes).toHaveLength(ipRoutes.length);
+    for (const [i, r] of routes.entries()) {
+      const theirs = ipRoutes[i] ?? {};
+      const fields = ["dst", "gateway", "dev", "protocol", "scope", "prefsrc", "type", "table", "metric"];
+      expect(r as unknown as Json).toEqual(Object.fromEntries(fields.filter((f) => theirs[f] !== undefined).map((f) => [f, theirs[f]])));
+    }
+    expect(routes.filter((r) => r.dst === "default")).toEqual([
+      { dst: "default", gateway: "10.32.0.1", dev: "eth1", metric: 1 },
+      { dst: "default", gateway: "fd00:32::1", dev: "eth1", metric: 1 },
+    ]);
+    expect(ipRoutes.find((r) => r.dst === "203.0.113.0/24")?.flags).toEqual(["onlink"]);
+    expect(ipRoutes.find((r) => r.dst === "198.51.100.0/24")?.scope).toBe("link");
+    // And the path works: the sandbox reaches its gateway over both families.
+    expect(await s.waitPing("10.32.0.1")).toBe(true);
+    expect(await s.waitPing("fd00:32::1")).toBe(true);
+  });
+});
+
+describe("errors", () => {
+  test("EEXIST: an existing name, and a peer name the target namespace already has; nothing is left", async () => {
+    rtnl(h.netns, (r) => r.createLink("br-nl", { kind: "bridge" }));
+    const dup = failure(() => rtnl(h.netns, (r) => r.createLink("br-nl", { kind: "bridge" })));
+    expect(dup).toBeInstanceOf(NetlinkError);
+    expect(dup.code).toBe("kernel");
+    expect(dup.message).toBe(`cannot create bridge br-nl in ${h.path}: File exists (EEXIST)`);
+    expect(isErrno(dup, "EEXIST")).toBe(true);
+
+    await s.exec(["ip", "link", "add", "eth0", "type", "ifb"]);
+    const before = await linkNames(h);
+    const peer = failure(() => rtnl(h.netns, (r) => r.createLink("vethnl3", { kind: "veth", peer: { name: "eth0", netns: s.netns } })));
+    expect(peer.message).toStartWith(`cannot create veth pair vethnl3 in ${h.path} / eth0 in ${s.path}: File exists (EEXIST)`);
+    expect(await linkNames(h)).toEqual(before);
+    expect(await linkNames(s)).toEqual(["eth0", "lo"]);
+  });
+
+  test("ENODEV and the like: missing links, a route via a missing device, a master that is no bridge", async () => {
+    const missing = failure(() => rtnl(h.netns, (r) => r.setLink("nosuch0", { up: true })));
+    expect(missing.message).toBe(`cannot set state up of interface nosuch0 in ${h.path}: No such device (ENODEV)`);
+    expect(isErrno(missing, "ENODEV")).toBe(true);
+    const noDev = failure(() => rtnl(h.netns, (r) => r.addAddress("nosuch0", "10.0.0.1/24")));
+    expect(noDev.message).toBe(`no interface nosuch0 in ${h.path}: No such device (ENODEV)`);
+    rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
+    const unreachable = failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", gateway: "10.77.0.1", dev: "dnl" })));
+    expect(unreachable.message).toMatch(new RegExp(`^cannot add route default via 10.77.0.1 dev dnl in ${h.path}: .+ \\(E[A-Z]+\\)`));
+    const badMaster = failure(() => rtnl(h.netns, (r) => r.setLink("dnl", { master: "lo" })));
+    expect(badMaster.message).toStartWith(`cannot set master lo of interface dnl in ${h.path}: `);
+    expect(await linkNames(h)).toEqual(["dnl", "lo"]);
+  });
+
+  test("bad namespaces: a missing path, a file that is no namespace; the thread stays home", async () => {
+    const gone = failure(() => listLinks({ path: "/run/netns/nl-no-such-ns" }));
+    expect(gone.message).toBe("cannot open network namespace /run/netns/nl-no-such-ns: No such file or directory (ENOENT)");
+    const file = join(lab.dir, "_not-a-netns");
+    writeFileSync(file, "");
+    const notNs = failure(() => listLinks({ path: file }));
+    expect(notNs.message).toBe(`cannot enter network namespace ${file}: Invalid argument (EINVAL)`);
+    expect(readlinkSync("/proc/thread-self/ns/net")).toBe(home);
+    // A veth whose peer would go to a missing namespace: refused before anything is made.
+    const peer = failure(() => rtnl(h.netns, (r) => r.createLink("vethnl4", { kind: "veth", peer: { name: "eth0", netns: { path: "/run/netns/nl-no-such-ns" } } })));
+    expect(peer.message).toContain("No such file or directory (ENOENT)");
+    expect(await linkNames(h)).toEqual(["lo"]);
+  });
+
+  test("bad input is refused before the kernel sees it", () => {
+    expect(failure(() => rtnl(h.netns, (r) => r.createLink("a-name-far-too-long", { kind: "ifb" }))).code).toBe("invalid-argument");
+    expect(failure(() => rtnl(h.netns, (r) => r.createLink("bad/name", { kind: "ifb" }))).code).toBe("invalid-argument");
+    rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
+    const mac = failure(() => rtnl(h.netns, (r) => r.setLink("dnl", { address: "02:42:zz:00:00:01" })));
+    expect([mac.code, mac.message]).toEqual(["invalid-argument", 'invalid MAC address "02:42:zz:00:00:01"']);
+    expect(failure(() => rtnl(h.netns, (r) => r.addAddress("dnl", "10.0.0.300/24"))).code).toBe("invalid-argument");
+    expect(failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", dev: "dnl" }))).message).toBe("route default dev dnl: a default route needs a gateway");
+  });
+});
+
+describe("tracing", () => {
+  test("netlink requests are counted apart from spawned processes", () => {
+    const before = { ...execStats };
+    rtnl(h.netns, (r) => {
+      r.createLink("dnl", { kind: "ifb" });
+      r.setLink("dnl", { up: true });
+    });
+    expect(execStats.spawns).toBe(before.spawns);
+    // The socket in the namespace, the create, the set.
+    expect(execStats.netlink - before.netlink).toBe(3);
+    expect(execStats.netlinkMillis).toBeGreaterThan(before.netlinkMillis);
+  });
+});
