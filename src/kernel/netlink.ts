@@ -628,10 +628,13 @@ export class Rtnl {
 
   /** Routes of every table, both families, as `ip -j route show table all` lists them. */
   listRoutes(): RouteInfo[] {
-    const names = new Map(this.#dumpLinks().map((l) => [l.index, l.name]));
     const req = new NlRequest(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP).struct(12, (v, at) => v.setUint8(at, AF_UNSPEC));
+    const routes = this.#sock.exchange(req, `cannot list routes${this.#where}`);
+    // Links after routes: a link that a listed route goes through existed before this dump
+    // (dumped first, a bridge made by a concurrent create in between would be "ifN").
+    const names = new Map(this.#dumpLinks().map((l) => [l.index, l.name]));
     const out: RouteInfo[] = [];
-    for (const m of this.#sock.exchange(req, `cannot list routes${this.#where}`)) {
+    for (const m of routes) {
       const d = m.data;
       const fam = d.getUint8(0);
       if ((fam !== AF_INET && fam !== AF_INET6) || d.getUint32(8, HOST_LE) & RTM_F_CLONED) continue;
