@@ -170,7 +170,7 @@ interface Breakdown {
   spawns: number;
   kernelMs: number;
   byTool: Record<string, { n: number; ms: number }>;
-  /** nft + iptables + ip6tables. */
+  /** nft + iptables + ip6tables (and their -restore). */
   firewallMs: number;
   /** One traced run's command list, as an example. */
   example: string[];
@@ -190,7 +190,8 @@ async function traced(host: LabHost, label: string, runs: number, setup: (i: num
   const byTool = Object.fromEntries(
     tools.map((tool) => [tool, { n: m((r) => r.t.exec.byTool[tool]?.n ?? 0), ms: m((r) => r.t.exec.byTool[tool]?.ms ?? 0) }]),
   );
-  const fw = (t: KnitTrace): number => ["nft", "iptables", "ip6tables"].reduce((a, k) => a + (t.exec.byTool[k]?.ms ?? 0), 0);
+  const fw = (t: KnitTrace): number =>
+    ["nft", "iptables", "ip6tables", "iptables-restore", "ip6tables-restore"].reduce((a, k) => a + (t.exec.byTool[k]?.ms ?? 0), 0);
   const load = (t: KnitTrace): number => mark(t, "load", 0);
   const open = (t: KnitTrace): number => mark(t, "open", load(t));
   return {
@@ -509,8 +510,8 @@ async function main(): Promise<void> {
     printTable("Command line start (ms)", ["command", "median", "p90"], Object.entries(floors).map(([k, s]) => [k, s.median, s.p90]));
     printTable(
       `Where the time of one knit command goes (medians of ${TRACE_RUNS} traced runs, ms)`,
-      ["command", "wall", "process", "modules", "store open", "command", "after", "store calls", "store ms", "spawns", "kernel ms", "firewall ms"],
-      breakdown.map((b) => [b.command, b.wallMs, b.processMs, b.loadMs, b.openMs, b.commandMs, b.afterMs, b.storeCalls, b.storeMs, b.spawns, b.kernelMs, b.firewallMs]),
+      ["command", "wall", "process", "modules", "store open", "command", "after", "store calls", "store ms", "spawns", "kernel ms", "netlink reqs", "netlink ms", "firewall ms"],
+      breakdown.map((b) => [b.command, b.wallMs, b.processMs, b.loadMs, b.openMs, b.commandMs, b.afterMs, b.storeCalls, b.storeMs, b.spawns, b.kernelMs, b.byTool.netlink?.n ?? 0, b.byTool.netlink?.ms ?? 0, b.firewallMs]),
     );
     for (const b of breakdown) if (b.example.length) process.stdout.write(`  ${b.command}: ${b.example.join(" | ")}\n`);
     printTable(`Scale: ${sc.sandboxes} sandboxes on one /16 network (ms)`, ["sandboxes on the network", "knit run -d med", "p90", "connect med", "disconnect med"], Object.keys(sc.runMs).map((p) => [p, sc.runMs[p]?.median ?? NaN, sc.runMs[p]?.p90 ?? NaN, sc.attachMs[p]?.connect.median ?? NaN, sc.attachMs[p]?.disconnect.median ?? NaN]));

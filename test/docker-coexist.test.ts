@@ -66,24 +66,45 @@ describe.skipIf(missing !== undefined)(title, () => {
   /** Environment that lets knit find the lab's Docker daemon (for `connect NET <container>`). */
   let dockerEnv: Record<string, string> = {};
 
-  /** iptables-save and ip6tables-save output without comments, counters and knit's own rules. */
+  /** iptables-save and ip6tables-save output without comments, counters and knit's own rules and chain. */
   async function dockerTables(): Promise<string> {
     const lines: string[] = [];
     for (const tool of ["iptables-save", "ip6tables-save"]) {
       const r = await h.exec([tool]);
       for (const l of r.stdout.split("\n")) {
-        if (l === "" || l.startsWith("#") || /--comment "?knit"?( |$)/.test(l)) continue;
+        if (l === "" || l.startsWith("#") || /--comment "?knit"?( |$)/.test(l) || l.startsWith(":KNIT-USER ")) continue;
         lines.push(`${tool}: ${l.replace(/\[\d+:\d+\]/, "[*]")}`);
       }
     }
     return lines.join("\n");
   }
 
-  /** Knit's rules in DOCKER-USER, as `iptables -S` prints them. */
+  /** Knit's rules in DOCKER-USER and in its own chain KNIT-USER, as `iptables -S` prints them. */
   async function knitDockerUser(): Promise<string[]> {
-    const r = await h.exec(["iptables", "-S", "DOCKER-USER"]);
-    return r.stdout.split("\n").filter((l) => l.includes("--comment knit"));
+    const r = await h.exec(["iptables", "-S"]);
+    return r.stdout.split("\n").filter((l) => l.includes("--comment knit") && /^-A (DOCKER-USER|KNIT-USER) /.test(l));
   }
+
+  /** The one rule knit keeps in DOCKER-USER. */
+  const JUMP = "-A DOCKER-USER -m comment --comment knit -j KNIT-USER";
+
+  /** The iptables-family tools that have Docker's chain on the host (Docker 20.10: IPv4 only). */
+  async function dockerFamilies(): Promise<string[]> {
+    const out: string[] = [];
+    for (const tool of ["iptables", "ip6tables"]) if ((await h.exec([tool, "-S", "DOCKER-USER"], { check: false })).code === 0) out.push(tool);
+    return out;
+  }
+
+  /** Run knit with KNIT_TRACE=1; the kernel commands it ran (tool and arguments, no times). */
+  async function tracedCommands(args: readonly string[]): Promise<string[]> {
+    const r = await h.knitOk(args, { env: { KNIT_TRACE: "1" } });
+    const line = r.stderr.split("\n").find((l) => l.startsWith("knit-trace: "));
+    if (!line) throw new Error(`no knit-trace line in:\n${r.stderr}`);
+    return (JSON.parse(line.slice("knit-trace: ".length)) as { commands: string[] }).commands.map((c) => c.replace(/^\S+ /, ""));
+  }
+
+  /** The iptables processes among traced commands, by tool name. */
+  const xtables = (commands: readonly string[]): string[] => commands.filter((c) => /^ip6?tables/.test(c)).map((c) => c.split(" ")[0] ?? "");
 
   async function run(name: string, nets: readonly string[]): Promise<Sb> {
     await h.knitOk(["run", "-d", "--name", name, ...nets.flatMap((n) => ["--network", n]), "--", "sleep", "3600"]);
@@ -143,7 +164,11 @@ describe.skipIf(missing !== undefined)(title, () => {
 
   test("pools avoid docker0: knit's predefined bridge takes 172.18.0.0/16, new networks others", async () => {
     await h.knitOk(["network", "create", "ka"]);
-    await h.knitOk(["network", "create", "kb"]);
+    // A second network: its nft rules are added in place (one `nft -f`), and its DOCKER-USER
+    // rules appended in one iptables-restore per family with Docker's chain, nothing read.
+    const commands = await tracedCommands(["network", "create", "kb"]);
+    expect(commands.filter((c) => c.startsWith("nft "))).toEqual(["nft -f -"]);
+    expect(xtables(commands)).toEqual((await dockerFamilies()).map((t) => `${t}-restore`));
     const predefined = await inspectNet("bridge");
     expect(predefined.IPAM.Config.map((c) => c.Subnet)).toEqual(["172.18.0.0/16"]);
     for (const name of ["ka", "kb"]) {
@@ -167,10 +192,13 @@ describe.skipIf(missing !== undefined)(title, () => {
     const p1 = sb.p1;
     if (!p1) throw new Error("p1 missing");
     const rules = await knitDockerUser();
+    expect(rules.filter((l) => l.startsWith("-A DOCKER-USER "))).toEqual([JUMP]);
     for (const br of [bridges.ka, bridges.kb, "knit0"]) {
-      expect(rules).toContain(`-A DOCKER-USER -i ${br} -m comment --comment knit -j ACCEPT`);
-      expect(rules).toContain(`-A DOCKER-USER -o ${br} -m comment --comment knit -j ACCEPT`);
+      expect(rules).toContain(`-A KNIT-USER -i ${br} -m comment --comment knit -j DOCKER-ISOLATION-STAGE-2`);
+      expect(rules).toContain(`-A KNIT-USER -i ${br} -m comment --comment knit -j ACCEPT`);
+      expect(rules).toContain(`-A KNIT-USER -o ${br} -m comment --comment knit -j ACCEPT`);
     }
+    expect((await h.exec(["iptables", "-S", "DOCKER-USER"])).stdout.split("\n")[1]).toBe(JUMP); // first
     // Bridged traffic goes through iptables (br_netfilter), and FORWARD drops by default.
     expect(await lab.waitPing(a1.ns, a2.ip.ka ?? "")).toBe(true);
     expect(await lab.waitPing(a2.ns, a1.ip.ka ?? "")).toBe(true);
@@ -194,8 +222,9 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await containerReaches(INTERNET.server4)).toBe(true);
   });
 
-  // knit sends its bridges' traffic through Docker's DOCKER-ISOLATION-STAGE-2 (from
-  // DOCKER-USER), and drops new traffic into its bridges from non-knit interfaces.
+  // knit sends its bridges' traffic through Docker's DOCKER-ISOLATION-STAGE-2 (from its
+  // KNIT-USER, jumped to from DOCKER-USER), and drops new traffic into its bridges from
+  // non-knit interfaces.
   test("a knit sandbox cannot reach Docker's container on docker0", async () => {
     expect(await lab.waitPing(sb.a1?.ns ?? { path: "/nonexistent" }, dcIp)).toBe(false);
   });
@@ -234,7 +263,8 @@ describe.skipIf(missing !== undefined)(title, () => {
   test("knit leaves Docker's chains as they were; its DOCKER-USER rules go with its networks", async () => {
     expect(await dockerTables()).toBe(dockerTablesBefore);
     await h.knitOk(["rm", "-f", "b1"]);
-    await h.knitOk(["network", "rm", "kb"]);
+    // knit's chain is rewritten in one iptables-restore per family with Docker's chain.
+    expect(xtables(await tracedCommands(["network", "rm", "kb"]))).toEqual((await dockerFamilies()).map((t) => `${t}-restore`));
     const rules = await knitDockerUser();
     expect(rules.some((l) => l.includes(bridges.kb ?? "?"))).toBe(false);
     expect(rules.some((l) => l.includes(bridges.ka ?? "?"))).toBe(true);
@@ -242,13 +272,12 @@ describe.skipIf(missing !== undefined)(title, () => {
     await h.knitOk(["network", "rm", "ka"]);
     // Only the predefined bridge is left: knit0 stays once made, as docker0 does, and so do
     // its two accepts.
-    expect((await knitDockerUser()).sort()).toEqual(
-      [
-        "-A DOCKER-USER -i knit0 -m comment --comment knit -j DOCKER-ISOLATION-STAGE-2",
-        "-A DOCKER-USER -i knit0 -m comment --comment knit -j ACCEPT",
-        "-A DOCKER-USER -o knit0 -m comment --comment knit -j ACCEPT",
-      ].sort(),
-    );
+    expect(await knitDockerUser()).toEqual([
+      JUMP,
+      "-A KNIT-USER -i knit0 -m comment --comment knit -j DOCKER-ISOLATION-STAGE-2",
+      "-A KNIT-USER -i knit0 -m comment --comment knit -j ACCEPT",
+      "-A KNIT-USER -o knit0 -m comment --comment knit -j ACCEPT",
+    ]);
     expect(await dockerTables()).toBe(dockerTablesBefore);
     // Docker still works as before.
     expect(await containerReaches(INTERNET.server4)).toBe(true);

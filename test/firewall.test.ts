@@ -21,6 +21,8 @@ import {
   syncDockerUserChain,
   type BridgeNetworkRules,
 } from "../src/firewall/firewall.ts";
+import { additionScript } from "../src/firewall/delta.ts";
+import { checkNetworks } from "../src/firewall/rules.ts";
 import { run, type Netns } from "../src/kernel/exec.ts";
 import type { PublishedPort } from "../src/firewall/dnat.ts";
 import { nftListTable, nftTables, type NftJson } from "../src/kernel/nft.ts";
@@ -70,11 +72,13 @@ const chains = (doc: NftJson | undefined): string[] =>
 const setElements = (doc: NftJson | undefined, name: string): unknown =>
   (doc?.nftables ?? []).find((o) => o.set?.name === name)?.set?.elem;
 
-/** Knit's rules in DOCKER-USER as `iptables -S` prints them, and all rules there. */
-async function dockerUser(tool: string): Promise<{ knit: string[]; all: string[] }> {
-  const { stdout } = await run(["ip", "netns", "exec", NS.host, tool, "-S", "DOCKER-USER"]);
-  const all = stdout.split("\n").filter((l) => l.startsWith("-A DOCKER-USER"));
-  return { knit: all.filter((l) => l.includes("--comment knit")), all };
+/** Knit's rules in DOCKER-USER as `iptables -S` prints them, all rules there, and KNIT-USER's rules. */
+async function dockerUser(tool: string): Promise<{ knit: string[]; all: string[]; own: string[] }> {
+  const { stdout } = await run(["ip", "netns", "exec", NS.host, tool, "-S"]);
+  const lines = stdout.split("\n");
+  const all = lines.filter((l) => l.startsWith("-A DOCKER-USER "));
+  const own = lines.filter((l) => l.startsWith("-A KNIT-USER "));
+  return { knit: all.filter((l) => l.includes("--comment knit")), all, own };
 }
 
 beforeAll(async () => {
@@ -342,6 +346,63 @@ describe("published ports (DNAT)", () => {
   }, 60_000);
 });
 
+// ---- one network added in place (delta.ts) --------------------------------------------------
+
+/** knit's table as `nft -j` lists it, without handles, for comparing two ways of making it. */
+async function knitTable(): Promise<string> {
+  const strip = (v: unknown): unknown =>
+    Array.isArray(v) ? v.map(strip) : v && typeof v === "object" ? Object.fromEntries(Object.entries(v).filter(([k]) => k !== "handle").map(([k, x]) => [k, strip(x)])) : v;
+  return JSON.stringify(strip((await nftListTable("inet", "knit", host))?.nftables.filter((o) => !("metainfo" in o)) ?? []));
+}
+
+describe("adding one network in place", () => {
+  const netC: BridgeNetworkRules = { networkId: "netc", bridge: "brC", subnets: ["10.88.3.0/24", "fd00:88:3::/64"], masquerade: true, internal: false };
+
+  test("its short script only adds, and makes the table a full rebuild makes", async () => {
+    const delta = additionScript(checkNetworks([netA, netC]), "netc");
+    expect(delta?.bridge).toBe("brC");
+    expect(delta?.script).toStartWith('create element inet knit bridges { "brC" }\n');
+    expect(delta?.script).not.toMatch(/delete|flush|table/);
+    // Nothing in place without other networks, or for a network with published ports.
+    expect(additionScript(checkNetworks([netC]), "netc")).toBeUndefined();
+    expect(additionScript(checkNetworks([{ ...netA, ports: [web] }, netB]), "neta")).toBeUndefined();
+
+    const others: BridgeNetworkRules[][] = [[netA], [{ ...netA, ports: [web] }, netB], [{ ...netA, internal: true }, netB]];
+    const added: BridgeNetworkRules[] = [netC, { ...netC, internal: true }, { ...netC, masquerade: false, subnets: ["10.88.3.0/24"] }];
+    for (const before of others) {
+      for (const net of added) {
+        await applyFirewall(before, host);
+        const script = additionScript(checkNetworks([...before, net]), "netc")?.script ?? "";
+        await run(["nft", "-f", "-"], { stdin: script, netns: host }); // throws if nft rejects it
+        const inPlace = await knitTable();
+        await applyFirewall([...before, net], host);
+        expect(inPlace).toBe(await knitTable());
+        expect(inPlace).toContain('"brC"');
+      }
+    }
+  }, 60_000);
+
+  test("without the table for the other networks, the whole table is rebuilt", async () => {
+    await applyFirewall([netA, netC], host);
+    const full = await knitTable();
+    await removeFirewall(host);
+    await applyFirewall([netA, netC], host, { added: "netc" }); // no table at all
+    expect(await knitTable()).toBe(full);
+    await applyFirewall([netA, netC], host, { added: "netc" }); // brC is there already
+    expect(await knitTable()).toBe(full);
+    // The kernel has the table for netA alone; the short script would assume netB's rules
+    // there too: an index past the end of a chain fails it, and the table is rebuilt.
+    await applyFirewall([netA, netB, netC], host);
+    const all = await knitTable();
+    await applyFirewall([netA], host);
+    await applyFirewall([netA, netB, netC], host, { added: "netc" });
+    expect(await knitTable()).toBe(all);
+    const doc = await nftListTable("inet", "knit", host);
+    expect(setElements(doc, "bridges")).toEqual(["brA", "brB", "brC"]);
+    expect(rules(doc, "forward")).toHaveLength(6);
+  });
+});
+
 describe("removeFirewall", () => {
   test("leaves no knit table, twice in a row", async () => {
     await applyFirewall([netA, netB], host);
@@ -355,10 +416,17 @@ describe("removeFirewall", () => {
 });
 
 describe("syncDockerUserChain", () => {
+  const JUMP = "-A DOCKER-USER -m comment --comment knit -j KNIT-USER";
+  const accepts = (...bridges: string[]): string[] =>
+    bridges.flatMap((b) => [`-A KNIT-USER -i ${b} -m comment --comment knit -j ACCEPT`, `-A KNIT-USER -o ${b} -m comment --comment knit -j ACCEPT`]);
+
   test("without a DOCKER-USER chain it does nothing", async () => {
     await syncDockerUserChain(["brA"], host);
-    const res = await exec(NS.host, "iptables", "-S", "DOCKER-USER");
-    expect(res.code).not.toBe(0);
+    await applyFirewall([netA], host);
+    for (const tool of ["iptables", "ip6tables"]) {
+      expect((await exec(NS.host, tool, "-S", "DOCKER-USER")).code).not.toBe(0);
+      expect((await exec(NS.host, tool, "-S", "KNIT-USER")).code).not.toBe(0);
+    }
   });
 
   test("Docker's FORWARD DROP blocks knit bridges until knit opens DOCKER-USER", async () => {
@@ -385,11 +453,11 @@ describe("syncDockerUserChain", () => {
 
     await applyFirewall([netA, netB], host);
     for (const tool of ["iptables", "ip6tables"]) {
-      const { knit, all } = await dockerUser(tool);
-      expect(knit.sort()).toEqual(
-        ["-i brA", "-o brA", "-i brB", "-o brB"].map((m) => `-A DOCKER-USER ${m} -m comment --comment knit -j ACCEPT`).sort(),
-      );
+      const { knit, all, own } = await dockerUser(tool);
+      expect(knit).toEqual([JUMP]);
+      expect(all[0]).toBe(JUMP); // first, before every other rule there
       expect(all).toContain("-A DOCKER-USER -i dockeruser0 -j RETURN");
+      expect(own).toEqual(accepts("brA", "brB"));
     }
     expect(
       await reach([
@@ -401,31 +469,76 @@ describe("syncDockerUserChain", () => {
     ).toEqual({ [`c1>${OUTSIDE}`]: true, "c1>10.88.1.3": true, [`c3>${OUTSIDE}`]: true, "c1>10.88.2.2": false });
   }, 60_000);
 
+  test("a new network's rules are appended; Docker's isolation chain is used when it exists", async () => {
+    await applyFirewall([netA], host);
+    for (const tool of ["iptables", "ip6tables"]) expect((await dockerUser(tool)).own).toEqual(accepts("brA"));
+    await applyFirewall([netA, netB], host, { added: "netb" });
+    for (const tool of ["iptables", "ip6tables"]) expect((await dockerUser(tool)).own).toEqual(accepts("brA", "brB"));
+    expect(await reach([[NS.c3, OUTSIDE]])).toEqual({ [`c3>${OUTSIDE}`]: true });
+
+    // With Docker's DOCKER-ISOLATION-STAGE-2, knit's traffic goes through it first.
+    await exec(NS.host, "iptables", "-N", "DOCKER-ISOLATION-STAGE-2");
+    await applyFirewall([netA, netB], host);
+    const stage2 = (b: string): string => `-A KNIT-USER -i ${b} -m comment --comment knit -j DOCKER-ISOLATION-STAGE-2`;
+    expect((await dockerUser("iptables")).own).toEqual([stage2("brA"), ...accepts("brA"), stage2("brB"), ...accepts("brB")]);
+    expect((await dockerUser("ip6tables")).own).toEqual(accepts("brA", "brB"));
+    await applyFirewall([netA], host);
+    await exec(NS.host, "iptables", "-F", "KNIT-USER");
+    await exec(NS.host, "iptables", "-X", "DOCKER-ISOLATION-STAGE-2");
+  }, 60_000);
+
+  test("the jump comes back after DOCKER-USER was flushed", async () => {
+    await applyFirewall([netA], host);
+    for (const tool of ["iptables", "ip6tables"]) await exec(NS.host, tool, "-F", "DOCKER-USER");
+    expect(await reach([[NS.c1, OUTSIDE]])).toEqual({ [`c1>${OUTSIDE}`]: false });
+    await applyFirewall([netA, netB], host, { added: "netb" });
+    for (const tool of ["iptables", "ip6tables"]) {
+      const { all, own } = await dockerUser(tool);
+      expect(all).toEqual([JUMP]);
+      expect(own).toEqual(accepts("brA", "brB"));
+      await exec(NS.host, tool, "-A", "DOCKER-USER", "-i", "dockeruser0", "-j", "RETURN");
+    }
+    expect(await reach([[NS.c1, OUTSIDE], [NS.c3, OUTSIDE]])).toEqual({ [`c1>${OUTSIDE}`]: true, [`c3>${OUTSIDE}`]: true });
+  }, 60_000);
+
   test("stale and duplicate knit rules go, everything else stays", async () => {
+    // Rules as older knit versions kept them (per bridge, in DOCKER-USER itself, no KNIT-USER).
+    await removeFirewall(host);
     const tag = ["-m", "comment", "--comment", "knit", "-j", "ACCEPT"];
     await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-i", "brGone", ...tag);
     await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-i", "brA", ...tag);
+    await exec(NS.host, "ip6tables", "-I", "DOCKER-USER", "-o", "brGone", ...tag);
     await applyFirewall([netA], host);
     await applyFirewall([netA], host); // idempotent
     for (const tool of ["iptables", "ip6tables"]) {
-      const { knit, all } = await dockerUser(tool);
-      expect(knit.sort()).toEqual([
-        "-A DOCKER-USER -i brA -m comment --comment knit -j ACCEPT",
-        "-A DOCKER-USER -o brA -m comment --comment knit -j ACCEPT",
-      ]);
-      expect(all).toContain("-A DOCKER-USER -i dockeruser0 -j RETURN");
+      const { knit, all, own } = await dockerUser(tool);
+      expect(knit).toEqual([JUMP]);
+      expect(all).toEqual([JUMP, "-A DOCKER-USER -i dockeruser0 -j RETURN"]);
+      expect(own).toEqual(accepts("brA"));
     }
+    // Reading the table (as after a failed guarded restore) keeps the jump on top and deletes
+    // every other knit rule in DOCKER-USER, a second jump too.
+    await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-i", "brGone", ...tag);
+    await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-m", "comment", "--comment", "knit", "-j", "KNIT-USER");
+    await syncDockerUserChain(["brA"], host);
+    expect((await dockerUser("iptables")).all).toEqual([JUMP, "-A DOCKER-USER -i dockeruser0 -j RETURN"]);
+    expect((await dockerUser("iptables")).own).toEqual(accepts("brA"));
     // brB is no knit network any more: Docker's DROP policy applies to it again.
     expect(await reach([[NS.c3, OUTSIDE], [NS.c1, OUTSIDE]])).toEqual({
       [`c3>${OUTSIDE}`]: false,
       [`c1>${OUTSIDE}`]: true,
     });
 
+    // A second jump (two processes that both found no KNIT-USER) goes at the latest with the
+    // last network.
+    await exec(NS.host, "iptables", "-A", "DOCKER-USER", "-m", "comment", "--comment", "knit", "-j", "KNIT-USER");
     await removeFirewall(host);
+    await removeFirewall(host); // idempotent
     for (const tool of ["iptables", "ip6tables"]) {
       const { knit, all } = await dockerUser(tool);
       expect(knit).toEqual([]);
       expect(all).toEqual(["-A DOCKER-USER -i dockeruser0 -j RETURN"]);
+      expect((await exec(NS.host, tool, "-S", "KNIT-USER")).code).not.toBe(0);
     }
     const forward = await run(["ip", "netns", "exec", NS.host, "iptables", "-S", "FORWARD"]);
     expect(forward.stdout).toContain("-P FORWARD DROP");

@@ -22,6 +22,11 @@ export interface LeakCheckOptions {
   /** Do not report processes living in the host's namespace. */
   allowProcesses?: boolean;
   /**
+   * Bridges whose iptables rules knit may keep (Docker's DOCKER-USER coexistence, see
+   * src/firewall/docker-user.ts); with any, knit's jump and its KNIT-USER chain may stay too.
+   */
+  allowIptablesBridges?: readonly string[];
+  /**
    * Further checks, e.g. that the store has no networks or endpoints left. Return (or
    * resolve to) a list of problems, or throw.
    */
@@ -70,6 +75,8 @@ export async function findLeaks(host: LabHost, opts: LeakCheckOptions = {}): Pro
     problems.push(`${m.fstype} mount ${m.target} left under the state directory of ${host.label}`);
   }
 
+  problems.push(...(await iptablesLeaks(host, opts.allowIptablesBridges ?? [])));
+
   if (!opts.allowProcesses) {
     // Processes the lab tracks (and their children, like dockerd's containerd) are the test's.
     const ours = new Set(host.lab.pids);
@@ -82,6 +89,33 @@ export async function findLeaks(host: LabHost, opts: LeakCheckOptions = {}): Pro
   if (opts.extra) {
     const more = await opts.extra(host);
     if (more) problems.push(...more);
+  }
+  return problems;
+}
+
+/**
+ * knit's rules and chain in the iptables / ip6tables filter tables (iptables-save): none may
+ * be left, but for `allowBridges`' rules in KNIT-USER and, with those, the jump to it.
+ */
+async function iptablesLeaks(host: LabHost, allowBridges: readonly string[]): Promise<string[]> {
+  const problems: string[] = [];
+  for (const tool of ["iptables-save", "ip6tables-save"]) {
+    let lines: string[];
+    try {
+      const r = await host.exec([tool, "-t", "filter"], { check: false });
+      if (r.code !== 0) continue;
+      lines = r.stdout.split("\n");
+    } catch {
+      continue; // the tool is not installed: nothing of knit's can be there
+    }
+    const allowed = (l: string): boolean =>
+      allowBridges.length > 0 &&
+      (l === "-A DOCKER-USER -m comment --comment knit -j KNIT-USER" || l.startsWith(":KNIT-USER ") || allowBridges.some((b) => l.startsWith(`-A KNIT-USER -i ${b} `) || l.startsWith(`-A KNIT-USER -o ${b} `)));
+    for (const l of lines) {
+      if ((/--comment "?knit"?( |$)/.test(l) || l.startsWith(":KNIT-USER ") || l.includes(" KNIT-USER")) && !allowed(l)) {
+        problems.push(`${tool.replace("-save", "")} rule or chain "${l}" left in ${host.name}`);
+      }
+    }
   }
   return problems;
 }
@@ -203,6 +237,7 @@ export async function assertHostClean(host: LabHost, opts: HostCleanOptions = {}
     ...rest,
     allowLinks: [...(rest.allowLinks ?? []), ...(defaultBridge ? [DEFAULT_BRIDGE_DEVICE] : [])],
     allowNftTables: [...(rest.allowNftTables ?? []), ...(defaultBridge ? ["inet knit"] : [])],
+    allowIptablesBridges: [...(rest.allowIptablesBridges ?? []), ...(defaultBridge ? [DEFAULT_BRIDGE_DEVICE] : [])],
     extra: async (h) => [
       ...(await findStoreLeaks(h)),
       ...(defaultBridge ? await defaultBridgeTableLeaks(h) : []),

@@ -463,6 +463,25 @@ describe("knit network (bridge driver) on a lab host", () => {
     expect(await nftTable(h1)).toBeUndefined();
   });
 
+  test("firewall cost: a second network is added in place, and no iptables runs without Docker", async () => {
+    /** The kernel commands of one traced knit command (tool and arguments, no times). */
+    const traced = async (args: readonly string[]): Promise<string[]> => {
+      const r = await h1.knitOk(args, { env: { KNIT_TRACE: "1" } });
+      const line = r.stderr.split("\n").find((l) => l.startsWith("knit-trace: ")) ?? "";
+      return (JSON.parse(line.slice("knit-trace: ".length)) as { commands: string[] }).commands.map((c) => c.replace(/^\S+ /, ""));
+    };
+    const firewall = (commands: readonly string[]): string[] => commands.filter((c) => /^(nft|ip6?tables)/.test(c));
+    await createNet(h1, ["--subnet", "10.33.0.0/24", "fwa"]);
+    // No DOCKER-USER chain on this host: one `nft -f` that only adds, nothing else.
+    expect(firewall(await traced(["network", "create", "--subnet", "10.34.0.0/24", "fwb"]))).toEqual(["nft -f -"]);
+    const bId = (await h1.knitOk(["network", "inspect", "-f", "{{.Id}}", "fwb"])).stdout.trim();
+    expect(await rulesOf(h1, bId)).toEqual({ forward: 1, postrouting: 1 });
+    expect(firewall(await traced(["network", "rm", "fwb"]))).toEqual(["nft -f -"]);
+    expect(await rulesOf(h1, bId)).toEqual({ forward: 0, postrouting: 0 });
+    await h1.knitOk(["network", "rm", "fwa"]);
+    expect(await nftTable(h1)).toBeUndefined();
+  });
+
   test("masquerade: a sandbox reaches the internet, which sees the host's LAN address", async () => {
     const inet = await lab.internet();
     const script = join(lab.dir, "peer-server.ts");

@@ -183,7 +183,7 @@ export async function createNetwork(engine: Engine, req: CreateNetworkRequest): 
     faultPoint("network-create:after-store");
     await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));
     faultPoint("network-create:after-kernel");
-    await syncFirewall(engine);
+    await syncFirewall(engine, net.id);
     const ready: Network = { ...net, state: "ready" };
     delete ready.owner;
     await engine.store.txn([], [putJson(keys.network(net.id), ready), { type: "delete", key: keys.pendingNetwork(net.id) }]);
@@ -301,10 +301,11 @@ export async function pruneNetworks(engine: Engine, labelFilter?: (n: Network) =
 /**
  * Rebuild knit's firewall tables from the store (networks and their published ports).
  * Lock-free: after applying, the versions of meta/networks and meta/ports are read again; if
- * another process changed networks or ports meanwhile, apply again, so the last writer
- * always applies the newest state.
+ * another process changed networks or ports meanwhile, apply again (a full rebuild), so the
+ * last writer always applies the newest state. `added`: the network this process just
+ * created, whose rules the first apply may add in place instead of rebuilding the table.
  */
-export async function syncFirewall(engine: Engine): Promise<void> {
+export async function syncFirewall(engine: Engine, added?: string): Promise<void> {
   const version = async (): Promise<string> =>
     `${(await engine.store.get(keys.networksMeta()))?.modRevision ?? 0}/${(await engine.store.get(keys.portsMeta()))?.modRevision ?? 0}`;
   for (let i = 0; i < 16; i++) {
@@ -319,8 +320,11 @@ export async function syncFirewall(engine: Engine): Promise<void> {
         const published = ports.get(n.id);
         return r ? [published?.length ? { ...r, ports: published } : r] : [];
       });
+    // In place only while no other network is half made or half removed: then the table in
+    // the kernel is the one built for the other networks, which the short script assumes.
+    const settled = i === 0 && added !== undefined && nets.every((n) => n.id === added || n.state === "ready");
     if (rules.length === 0) await removeFirewall();
-    else await applyFirewall(rules);
+    else await applyFirewall(rules, undefined, settled ? { added } : {});
     if ((await version()) === before) return;
   }
 }

@@ -24,11 +24,16 @@
  * isolation), which stops frames between containers, ARP included, on any kernel and
  * without br_netfilter, while the gateway (the bridge itself) still answers.
  *
+ * One network added and nothing else (`network create`) is the exception: its set element
+ * and rules are added to the table in place, in one transaction too, which spares the RCU
+ * grace period that deleting the old table costs (see delta.ts).
+ *
  * Docker's iptables chains are a separate base chain with policy DROP; see docker-user.ts.
  */
 import type { Netns } from "../kernel/exec.ts";
-import { nftApply } from "../kernel/nft.ts";
+import { nftApplyListingChains } from "../kernel/nft.ts";
 import { readSysctl, writeSysctl } from "../kernel/sysctl.ts";
+import { additionScript } from "./delta.ts";
 import { syncDockerUserChain } from "./docker-user.ts";
 import { localnetBridges } from "./dnat.ts";
 import { checkNetworks, deleteTable, inetTable, type BridgeNetworkRules, type CheckedNetwork } from "./rules.ts";
@@ -96,31 +101,44 @@ function serialized<T>(ns: Netns | undefined, work: () => Promise<T>): Promise<T
   return next;
 }
 
+/** What {@link applyFirewall} may assume about the change. */
+export interface ApplyOptions {
+  /**
+   * The only change since the last apply is this network (id), which was added: its rules
+   * are added in place when the table allows (delta.ts), else the table is rebuilt.
+   */
+  added?: string;
+}
+
 /**
  * Make the kernel's firewall match these networks (all bridge networks of the host): enable
- * forwarding, replace knit's nft tables in one transaction, then open Docker's DOCKER-USER
- * chain for knit bridges when Docker is present. With no networks, same as removeFirewall.
- * Bad input throws before anything changes.
+ * forwarding, replace knit's nft tables in one transaction (or, for one added network, add
+ * its rules in one transaction), then open Docker's DOCKER-USER chain for knit bridges when
+ * Docker is present. With no networks, same as removeFirewall. Bad input throws before
+ * anything changes.
  */
-export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Netns): Promise<void> {
+export async function applyFirewall(nets: readonly BridgeNetworkRules[], ns?: Netns, opts: ApplyOptions = {}): Promise<void> {
   const sysctls = forwardingSysctls(nets); // validates everything first
   if (nets.length === 0) return removeFirewall(ns);
   const script = buildRuleset(nets);
   const checked = checkNetworks(nets);
   const bridges = nets.map((n) => n.bridge);
+  const delta = opts.added === undefined ? undefined : additionScript(checked, opts.added);
   await serialized(ns, async () => {
     for (const [key, value] of sysctls) await writeSysctl(key, value, ns);
     await syncRouteLocalnet(checked, ns, true);
-    await nftApply(script, ns);
+    // The chain listing that comes with either tells whether Docker's chains exist.
+    const added = delta ? await nftApplyListingChains(delta.script, ns, false) : undefined;
+    const chains = added ?? (await nftApplyListingChains(script, ns));
     await syncRouteLocalnet(checked, ns, false);
-    await syncDockerUserChain(bridges, ns);
+    await syncDockerUserChain(bridges, ns, { ...(chains ? { chains } : {}), ...(added && delta ? { added: delta.bridge } : {}) });
   });
 }
 
 /** Remove everything of knit's firewall: the nft table and knit's DOCKER-USER rules. Idempotent. */
 export async function removeFirewall(ns?: Netns): Promise<void> {
   await serialized(ns, async () => {
-    await nftApply(removalScript(), ns);
-    await syncDockerUserChain([], ns);
+    const chains = await nftApplyListingChains(removalScript(), ns);
+    await syncDockerUserChain([], ns, chains ? { chains } : {});
   });
 }
