@@ -17,11 +17,15 @@
  *   members/<sandboxId>/<netId>     Membership (a sandbox joins a network once)
  *   pending/{networks,endpoints/<netId>,sandboxes}/<id>
  *                                   owner of an operation under way (reconcile reads these)
- *   ports/<proto>/<hostPort>        PortClaims: which sandbox holds the port on which host IP
+ *   ports/<host>/<proto>/<hostPort> PortClaims: which sandbox holds the port on which host IP
+ *                                   of that host (a published port is per host, as Docker's)
  *   meta/ports                      bumped on every publish/unpublish (firewall rebuilds)
  *   agents/<hostname>               AgentClaim: the one live `knit agent` of a host
  *   hosts/<hostname>                HostRecord, under the host's lease (cluster membership:
  *                                   the key vanishes when the host's agent stops renewing it)
+ *   evicted/<hostname>              set by `knit host rm -f` of a registered host, under a lease
+ *                                   of its own: the host's agent stops renewing its registration
+ *                                   instead of registering again (restarting it joins again)
  *   vni/<n>                         network id holding VXLAN network identifier n (overlay)
  *   docker/...                      the Docker plugin's maps from Docker's ids to these
  *                                   records (layout in src/plugin/records.ts)
@@ -191,6 +195,15 @@ export interface HostRecord {
  */
 export const GW_BRIDGE_NETWORK = "docker_gwbridge";
 
+/**
+ * Where sandboxes of `--internal` overlay networks ask knit's DNS (they have no
+ * docker_gwbridge): a link-local address that each host puts on the bridge of every internal
+ * overlay network it has endpoints of, and that a sandbox reaches through its overlay
+ * interface (one host route). Replies find their way back by a policy rule of the host's
+ * that only traffic from this address uses. See src/cluster/overlay-dns.ts.
+ */
+export const OVERLAY_DNS_ADDRESS = "169.254.53.53";
+
 /** Protocols a port can be published for. */
 export const PortProtocols = ["tcp", "udp"] as const;
 export type PortProtocol = (typeof PortProtocols)[number];
@@ -244,8 +257,10 @@ export const keys = {
   pendingSandboxes: () => "pending/sandboxes/",
   pendingNetwork: (id: string) => `pending/networks/${id}`,
   pendingNetworks: () => "pending/networks/",
-  /** Host port claims, one key per protocol and port (see PortClaims). */
-  port: (proto: string, hostPort: number) => `ports/${proto}/${hostPort}`,
+  /** Host port claims, one key per host, protocol and port (see PortClaims). */
+  port: (host: string, proto: string, hostPort: number) => `ports/${host}/${proto}/${hostPort}`,
+  /** The port claims of one host. */
+  portsOf: (host: string) => `ports/${host}/`,
   ports: () => "ports/",
   portsMeta: () => "meta/ports",
   /** The agent claim of a host (one live agent per host and store). */
@@ -253,6 +268,8 @@ export const keys = {
   /** Cluster membership of a host (a leased key, see HostRecord). */
   host: (name: string) => `hosts/${name}`,
   hosts: () => "hosts/",
+  /** A host removed with `knit host rm -f` while registered (see HostRecord). */
+  evicted: (name: string) => `evicted/${name}`,
   /** VXLAN network identifier claims of overlay networks. */
   vni: (vni: number) => `vni/${vni}`,
   vnis: () => "vni/",

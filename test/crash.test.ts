@@ -410,7 +410,7 @@ for (const s of scenarios) {
         expect(await snapshot(t.h)).toEqual(atBase);
         // A second gc finds nothing more to do.
         const again = JSON.parse((await knitOk(t.h, ["gc"])).stdout) as Record<string, unknown>;
-        expect(again).toEqual({ sandboxes: 0, networks: 0, endpoints: 0, orphanLinks: [] });
+        expect(again).toEqual({ sandboxes: 0, forgotten: 0, networks: 0, endpoints: 0, orphanLinks: [] });
         await s.survivors(t);
         await s.undoBase(t);
         await expectClean(t.h, t.c);

@@ -14,7 +14,8 @@
  *     burst of `knit run` on all hosts);
  *   - egress through docker_gwbridge (icc off, masquerade); a user-made docker_gwbridge;
  *   - LAN machines reach neither overlay addresses nor names; published ports work on the
- *     host running the sandbox (and the same host port on two hosts);
+ *     host running the sandbox (and the same host port on two hosts, each host programming
+ *     its own mapping only; the same port twice on one host is still refused);
  *   - rm refused while any host has endpoints; after rm every host deletes its devices.
  *
  * Faults (kill -9, lease expiry, etcd down, partition) are in overlay-faults.test.ts.
@@ -313,31 +314,55 @@ describe.skipIf(missing !== undefined)("overlay networks on a 3-host cluster", (
     expect(dig.stdout).toMatch(/status: REFUSED|connection timed out|no servers could be reached/);
   });
 
-  test("published ports work on the host that runs the sandbox", async () => {
-    const www = mkdtempSync(join(lab.dir, "_www-"));
-    writeFileSync(join(www, "index.html"), "hello from the overlay\n");
-    await c.knitOk(h2, ["run", "-d", "--name", "web", "--network", "vlan0", "-p", "8080:80", "--", "busybox", "httpd", "-f", "-p", "80", "-h", www]);
-    // (Host port claims are cluster-wide today: another host publishes another port.)
-    await c.knitOk(h3, ["run", "-d", "--name", "web3", "--network", "vlan0", "-p", "8081:80", "--", "busybox", "httpd", "-f", "-p", "80", "-h", www]);
+  test("published ports work on the host that runs the sandbox; two hosts publish the same port", async () => {
+    const site = (text: string): string => {
+      const dir = mkdtempSync(join(lab.dir, "_www-"));
+      writeFileSync(join(dir, "index.html"), text);
+      return dir;
+    };
+    // A published port is per host, as with Docker: h2 and h3 both publish host port 8080.
+    await c.knitOk(h2, ["run", "-d", "--name", "web", "--network", "vlan0", "-p", "8080:80", "--", "busybox", "httpd", "-f", "-p", "80", "-h", site("hello from h2\n")]);
+    await c.knitOk(h3, ["run", "-d", "--name", "web3", "--network", "vlan0", "-p", "8080:80", "--", "busybox", "httpd", "-f", "-p", "80", "-h", site("hello from h3\n")]);
     const m = c.machine;
     if (!m) throw new Error("no LAN machine");
     const web = await c.sandbox(h2, "web");
+    const web3 = await c.sandbox(h3, "web3");
     await lab.waitListening(web.ns, 80);
-    for (const [h, port] of [[h2, 8080], [h3, 8081]] as const) {
-      const ok = await waitFor(async () => (await lab.httpGet(m, `http://${h.address}:${port}/`)) === "hello from the overlay\n", 5000);
-      expect(ok).toBe(true);
+    await lab.waitListening(web3.ns, 80);
+    // Each through its own host's address, from the LAN machine and from another host.
+    for (const [h, text] of [[h2, "hello from h2\n"], [h3, "hello from h3\n"]] as const) {
+      expect(await waitFor(async () => (await lab.httpGet(m, `http://${h.address}:8080/`)) === text, 5000)).toBe(true);
+      expect(await lab.httpGet(h1.host, `http://${h.address}:8080/`)).toBe(text);
     }
-    // Not on a host that does not run it.
+    // Not on a host that runs neither.
     expect(await lab.httpGet(m, `http://${h1.address}:8080/`, 1)).toBeUndefined();
-    expect(await lab.httpGet(m, `http://${h3.address}:8080/`, 1)).toBeUndefined();
+    // One claim per host, and each host programs its own mapping only (DNAT comments carry the sandbox id).
+    expect((await c.store.list(keys.ports())).items.map((kv) => kv.key)).toEqual(["ports/h2/tcp/8080", "ports/h3/tcp/8080"]);
+    const dnat = async (h: ClusterHost): Promise<string[]> => {
+      const r = await h.host.exec(["nft", "-j", "list", "table", "inet", "knit"], { check: false });
+      const doc = JSON.parse(r.stdout || "{}") as { nftables?: { rule?: { chain: string; comment?: string } }[] };
+      return (doc.nftables ?? []).flatMap((o) => (o.rule?.chain === "published" ? [o.rule.comment?.split(" ")[2] ?? ""] : []));
+    };
+    expect(await dnat(h1)).toEqual([]);
+    expect(await dnat(h2)).toEqual([web.id.slice(0, 12)]);
+    expect(await dnat(h3)).toEqual([web3.id.slice(0, 12)]);
+    // On the SAME host the port is still taken: refused, and nothing of the loser is left.
+    const again = await c.knit(h2, ["run", "-d", "--name", "web2", "--network", "vlan0", "-p", "8080:80", "--", "sleep", "100"]);
+    expect(again.code).toBe(125);
+    expect(again.stderr).toContain("host port 0.0.0.0:8080/tcp is already published by sandbox web");
+    expect((await c.knit(h2, ["inspect", "web2"])).code).not.toBe(0);
+    expect((await c.store.list(keys.ports())).items.map((kv) => kv.key)).toEqual(["ports/h2/tcp/8080", "ports/h3/tcp/8080"]);
     // The overlay address serves too, from another host's sandbox.
     const a = await c.sandbox(h1, "a");
-    expect(await lab.httpGet(a.ns, `http://${web.ip["vlan0"]}/`)).toBe("hello from the overlay\n");
+    expect(await lab.httpGet(a.ns, `http://${web.ip["vlan0"]}/`)).toBe("hello from h2\n");
     // `knit port` shows it.
     expect(await c.knitOk(h2, ["port", "web"])).toContain("80/tcp -> 0.0.0.0:8080");
     await c.knitOk(h2, ["rm", "-f", "web"]);
-    await c.knitOk(h3, ["rm", "-f", "web3"]);
     expect(await lab.httpGet(m, `http://${h2.address}:8080/`, 1)).toBeUndefined();
+    // h3's is untouched by h2's removal.
+    expect(await lab.httpGet(m, `http://${h3.address}:8080/`)).toBe("hello from h3\n");
+    await c.knitOk(h3, ["rm", "-f", "web3"]);
+    expect((await c.store.list(keys.ports())).items).toEqual([]);
   });
 
   test("connect and disconnect of an existing namespace bring and take docker_gwbridge along", async () => {

@@ -315,7 +315,7 @@ describe("published TCP ports", () => {
     const rules = await dnatRulesOf(web.id);
     expect(rules.map((r) => r.chain)).toEqual(["published"]);
     expect(JSON.stringify(rules[0]?.expr)).toContain(`{"dnat":{"family":"ip","addr":"${web.view.NetworkSettings.Networks.front?.IPAddress}","port":80}}`);
-    expect(await storeKeys("ports/")).toEqual(["ports/tcp/8080"]);
+    expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/8080"]);
 
     // knit port and inspect.
     expect((await h1.knitOk(["port", "web"])).stdout).toBe("80/tcp -> 0.0.0.0:8080\n");
@@ -414,7 +414,7 @@ describe("conflicts", () => {
         expect(r.stderr).toMatch(message);
         // Nothing of the refused sandbox: no record, no claim (9999 is free again), no rule.
         expect((await h1.knit(["inspect", "loser"])).code).not.toBe(0);
-        expect(await storeKeys("ports/")).toEqual(["ports/tcp/6060", "ports/tcp/8080", "ports/tcp/8081", "ports/udp/7072"]);
+        expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/6060", "ports/h1/tcp/8080", "ports/h1/tcp/8081", "ports/h1/udp/7072"]);
       }
       // Two commands racing for one port: exactly one wins, the other is refused.
       const race = await Promise.all(["r1", "r2"].map((n) => h1.knit(["run", "-d", "--name", n, "--network", "front", "-p", "7777:80", "--", "sleep", "100"])));
@@ -477,7 +477,7 @@ describe("lifecycle", () => {
     await h1.knitOk(["network", "disconnect", "front", "keep"]);
     await h1.knitOk(["gc"]);
     expect(await dnatRulesOf(web.id)).toEqual([]);
-    expect(await storeKeys("ports/")).toEqual(["ports/tcp/8080"]);
+    expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/8080"]);
     await h1.knitOk(["rm", "-f", web.id]);
   });
 
@@ -492,7 +492,7 @@ describe("lifecycle", () => {
     for (const point of ["run:after-record", "run:after-connect"]) {
       const r = await h1.knit(["run", "-d", "--name", "crash", "--network", "front", "-p", "8181:80", "-p", "8182:80/udp", "--", "sleep", "100"], { env: { KNIT_CRASH_AT: point } });
       expect(r.code, point).toBe(137);
-      expect(await storeKeys("ports/")).toEqual(["ports/tcp/8181", "ports/udp/8182"]);
+      expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/8181", "ports/h1/udp/8182"]);
       await h1.knitOk(["gc"]);
       expect(await storeKeys("ports/")).toEqual([]);
       expect((await nftRules()).filter((x) => x.chain === "published")).toEqual([]);
@@ -501,26 +501,53 @@ describe("lifecycle", () => {
     await h1.knitOk(["rm", "-f", again.id]);
   });
 
-  test("gc drops a claim that no sandbox lists", async () => {
+  test("gc drops this host's claims that no sandbox lists, and moves claims of the old layout", async () => {
     const web = await run("lister", "front", ["6553:80"]);
-    const store = await openSqliteStore(h1.stateDir);
-    try {
+    const edit = async (change: (store: Awaited<ReturnType<typeof openSqliteStore>>) => Promise<void>): Promise<void> => {
+      const store = await openSqliteStore(h1.stateDir);
+      try {
+        await change(store);
+      } finally {
+        await store.close();
+      }
+    };
+    const claimOf = async (key: string): Promise<unknown> => {
+      let value: unknown;
+      await edit(async (store) => {
+        value = JSON.parse((await store.get(key))?.value ?? "null");
+      });
+      return value;
+    };
+    await edit(async (store) => {
       // A claim of a sandbox that does not exist, and a foreign address on a real claim's key.
-      await store.put("ports/tcp/6554", JSON.stringify({ "0.0.0.0": "f".repeat(64) }));
-      const kv = await store.get("ports/tcp/6553");
-      await store.put("ports/tcp/6553", JSON.stringify({ ...(JSON.parse(kv?.value ?? "{}") as object), "127.0.0.1": "e".repeat(64) }));
-    } finally {
-      await store.close();
-    }
+      await store.put("ports/h1/tcp/6554", JSON.stringify({ "0.0.0.0": "f".repeat(64) }));
+      const kv = await store.get("ports/h1/tcp/6553");
+      await store.put("ports/h1/tcp/6553", JSON.stringify({ ...(JSON.parse(kv?.value ?? "{}") as object), "127.0.0.1": "e".repeat(64) }));
+      // A claim in the layout before hosts (ports/<proto>/<port>) that nobody lists, and a claim
+      // of another host (a cluster store): that one is not h1's to judge.
+      await store.put("ports/tcp/6555", JSON.stringify({ "0.0.0.0": "d".repeat(64) }));
+      await store.put("ports/h9/tcp/6556", JSON.stringify({ "0.0.0.0": "c".repeat(64) }));
+    });
     expect((await h1.knit(["run", "-d", "--network", "front", "-p", "6554:80", "--", "sleep", "1"])).stderr).toContain("already published by sandbox ffffffffffff");
+    // Another host's claim on a port does not stop h1 from publishing it (ports are per host).
+    const same = await run("same", "front", ["6556:80"]);
+    expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/6553", "ports/h1/tcp/6554", "ports/h1/tcp/6556", "ports/h9/tcp/6556", "ports/tcp/6555"]);
+    await h1.knitOk(["rm", "-f", same.id]);
     await h1.knitOk(["gc"]);
-    expect(await storeKeys("ports/")).toEqual(["ports/tcp/6553"]);
-    const check = await openSqliteStore(h1.stateDir);
-    try {
-      expect(JSON.parse((await check.get("ports/tcp/6553"))?.value ?? "")).toEqual({ "0.0.0.0": web.id });
-    } finally {
-      await check.close();
-    }
+    expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/6553", "ports/h9/tcp/6556"]);
+    expect(await claimOf("ports/h1/tcp/6553")).toEqual({ "0.0.0.0": web.id });
+    // web's claim in the old layout: gc moves it under h1, where it holds the port again.
+    await edit(async (store) => {
+      await store.delete("ports/h1/tcp/6553");
+      await store.put("ports/tcp/6553", JSON.stringify({ "0.0.0.0": web.id }));
+    });
+    await h1.knitOk(["gc"]);
+    expect(await storeKeys("ports/")).toEqual(["ports/h1/tcp/6553", "ports/h9/tcp/6556"]);
+    expect(await claimOf("ports/h1/tcp/6553")).toEqual({ "0.0.0.0": web.id });
+    expect((await h1.knit(["run", "-d", "--network", "front", "-p", "6553:80", "--", "sleep", "1"])).stderr).toContain("already published by sandbox lister");
+    await edit(async (store) => {
+      await store.delete("ports/h9/tcp/6556");
+    });
     await h1.knitOk(["rm", "-f", web.id]);
   });
 });

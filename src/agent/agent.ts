@@ -28,10 +28,12 @@ import { currentOwner } from "../engine/owner.ts";
 import { reconcile, type ReconcileReport } from "../engine/reconcile.ts";
 import { openStore } from "../store/open.ts";
 import type { Store } from "../store/store.ts";
-import type { AgentClaim, HostRecord } from "../model.ts";
+import { OVERLAY_DNS_ADDRESS, type AgentClaim, type HostRecord } from "../model.ts";
 import { hostName } from "../engine/owner.ts";
 import { HostRegistration, detectUnderlay, type RegistrationStatus, type UnderlaySpec } from "../cluster/hosts.ts";
 import { OverlaySync, type OverlaySyncStatus } from "../cluster/sync.ts";
+import { clearEviction } from "../cluster/remove.ts";
+import { ensureOverlayDnsRule, removeOverlayDnsRule } from "../cluster/overlay-dns.ts";
 import { DockerPlugin, type DockerPluginOptions, type DockerPluginStatus } from "../plugin/plugin.ts";
 import { NameTable } from "../dns/table.ts";
 import { StoreMirror } from "../dns/mirror.ts";
@@ -151,6 +153,8 @@ class Agent {
   private registration: HostRegistration | undefined;
   private overlay: OverlaySync | undefined;
   private plugin: DockerPlugin | undefined;
+  /** Cluster mode: whether the reply rule of the internal overlays' DNS address is in place (undefined: not known yet). */
+  private overlayDnsRule: boolean | undefined;
 
   constructor(
     private readonly engine: Engine,
@@ -202,10 +206,13 @@ class Agent {
     this.registration = new HostRegistration(this.engine.store, record, (event, err) => {
       if (event === "registered") this.log.info("host registered", { host: record.name, address: record.address, device: record.device, mtu: record.mtu, ttl: record.ttl });
       else if (event === "lost") this.log.warn("host lease expired; registering again", { host: record.name });
+      else if (event === "evicted") this.log.error("this host was removed from the cluster (knit host rm -f): no longer registering; restart the agent to join again", { host: record.name });
       else this.log.warn("cannot renew the host lease", { err });
       // Back after a loss: whatever changed meanwhile is found by a full round.
       if (event === "registered") this.overlay?.requestFull();
     });
+    // Starting is joining: a removal by `knit host rm -f` (src/cluster/remove.ts) is over.
+    if (await clearEviction(this.engine.store, record.name)) this.log.info("this host had been removed from the cluster; joining again", { host: record.name });
     await this.registration.start();
     this.overlay = new OverlaySync(this.engine, { me: record.name, underlay, log: this.log });
   }
@@ -219,6 +226,7 @@ class Agent {
     this.overlay?.close();
     this.mirror.close();
     await this.server.close();
+    if (this.opts.cluster && this.overlayDnsRule !== false) await removeOverlayDnsRule().catch((err: unknown) => this.log.warn("cannot remove the DNS reply rule", { err }));
     this.forwarder.close();
     await this.status?.stop().catch(() => undefined);
     removeAgentRecord(this.engine.stateDir, this.me.pid);
@@ -237,12 +245,31 @@ class Agent {
     const wanted = new Map<string, string>();
     for (const net of this.table.servedNetworks()) for (const a of net.addresses) wanted.set(a, net.id);
     const before = new Set(this.server.status().filter((l) => l.udp && l.tcp).map((l) => l.address));
+    const ruled = await this.syncOverlayDnsRule(wanted.has(OVERLAY_DNS_ADDRESS));
     await this.server.sync(wanted);
     const after = this.server.status();
     for (const l of after) if (l.udp && l.tcp && !before.has(l.address)) this.log.info("dns listening", { address: l.address, network: l.network });
     for (const a of before) if (!wanted.has(a)) this.log.info("dns stopped listening", { address: a });
     clearTimeout(this.rebind);
-    if (this.server.incomplete && !this.stopping) this.rebind = setTimeout(() => void this.listen(), REBIND_MS);
+    if ((this.server.incomplete || !ruled) && !this.stopping) this.rebind = setTimeout(() => void this.listen(), REBIND_MS);
+  }
+
+  /**
+   * Cluster mode: the policy rule that routes replies of the internal overlays' DNS address
+   * (src/cluster/overlay-dns.ts) is there exactly while that address is served. The first
+   * call also removes one a killed predecessor left. False when it could not be changed.
+   */
+  private async syncOverlayDnsRule(wanted: boolean): Promise<boolean> {
+    if (!this.opts.cluster || this.overlayDnsRule === wanted) return true;
+    try {
+      if (wanted) await ensureOverlayDnsRule();
+      else await removeOverlayDnsRule();
+      this.overlayDnsRule = wanted;
+      return true;
+    } catch (err) {
+      this.log.warn("cannot set the DNS reply rule of internal overlay networks", { err, wanted });
+      return false;
+    }
   }
 
   private health(): AgentHealth {

@@ -35,7 +35,7 @@ const TOP: CommandSpec = {
     { name: "port", summary: "List a sandbox's published ports" },
     { name: "gc", summary: "Reconcile store and kernel: repair what crashed commands left" },
     { name: "agent", summary: "Run the per-host agent (DNS, cluster membership, overlay peers), or ask it: start, status, stop" },
-    { name: "host", summary: "List the hosts of the cluster (host ls)" },
+    { name: "host", summary: "Hosts of the cluster (ls, rm)" },
     { name: "demo", summary: "Show what knit does, in a private lab" },
     { name: "install", summary: "Install knit's CNI plugins into a CNI bin dir" },
     { name: "version", summary: "Show the knit version" },

@@ -1,5 +1,6 @@
 /**
- * `knit host ls`: the hosts of the cluster as the store knows them.
+ * `knit host ls`: the hosts of the cluster as the store knows them; `knit host rm`: forget a
+ * host that is gone (src/cluster/remove.ts).
  *
  *   NAME    ADDRESS      STATUS   ENDPOINTS
  *   h1 *    10.80.0.11   alive    3
@@ -8,6 +9,10 @@
  * A host is "alive" while its registration (`hosts/<name>`, under its agent's lease) exists;
  * a host that still has sandboxes or endpoints in the store without one is "down". `*` marks
  * this host. ENDPOINTS counts the host's endpoints on every network.
+ *
+ * `knit host rm [-f] HOST [HOST...]`, as `docker node rm`: a host that is down is forgotten
+ * (its sandboxes, local networks, endpoints, address and port claims leave the store); an
+ * alive one is refused unless forced.
  */
 import { defineCommand, parseArgs, renderHelp, type CommandSpec } from "../cli/args.ts";
 import { renderFormat, renderTable } from "../cli/format.ts";
@@ -18,6 +23,7 @@ import { keys, type Endpoint, type Sandbox } from "../model.ts";
 import { hostName } from "../engine/owner.ts";
 import type { Engine } from "../engine/engine.ts";
 import { liveHosts } from "./hosts.ts";
+import { removeHost } from "./remove.ts";
 
 const ls = defineCommand({
   name: "host ls",
@@ -28,6 +34,14 @@ const ls = defineCommand({
     { name: "format", kind: "string", help: "Format output: table, json, or a Go template" },
     { name: "quiet", short: "q", kind: "bool", help: "Only display host names" },
   ],
+});
+
+const rm = defineCommand({
+  name: "host rm",
+  usage: "[OPTIONS] HOST [HOST...]",
+  summary: "Remove one or more hosts from the cluster",
+  args: { min: 1 },
+  flags: [{ name: "force", short: "f", kind: "bool", help: "Force-remove a host that is not down (its agent still renews its registration)" }],
 });
 
 /** One row of `host ls` (the fields --format sees). */
@@ -73,10 +87,35 @@ export async function hostRows(engine: Engine): Promise<HostRow[]> {
 /** Run `knit host <sub> ...`. */
 export async function hostMain(ctx: CommandContext, argv: readonly string[]): Promise<number> {
   const [sub, ...args] = argv;
-  const group: CommandSpec = { name: "host", usage: "COMMAND", summary: "Hosts of the cluster", flags: [], commands: [{ name: "ls", summary: ls.summary }] };
+  const group: CommandSpec = {
+    name: "host",
+    usage: "COMMAND",
+    summary: "Hosts of the cluster",
+    flags: [],
+    commands: [
+      { name: "ls", summary: ls.summary },
+      { name: "rm", summary: rm.summary },
+    ],
+  };
   if (sub === undefined || sub === "--help" || sub === "-h" || sub === "help") {
     ctx.out(renderHelp(group));
     return sub === undefined ? 1 : 0;
+  }
+  if (sub === "rm" || sub === "remove") {
+    const r = parseArgs(rm, args);
+    if (r.help) return ctx.help(rm);
+    const engine = await ctx.engine();
+    let failed = 0;
+    for (const name of r.positionals) {
+      try {
+        await removeHost(engine, name, r.flags.force);
+        ctx.out(`${name}\n`);
+      } catch (err) {
+        failed++;
+        ctx.error(err);
+      }
+    }
+    return failed ? 1 : 0;
   }
   if (sub !== "ls" && sub !== "list") throw invalid(`unknown command "knit host ${sub}"`, "see knit host --help");
   const a = parseArgs(ls, args);

@@ -10,6 +10,8 @@
  * A restarted agent grants a new lease and puts the key again; the put moves the key to the
  * new lease, so the old lease's expiry later deletes nothing. A graceful stop keeps the key
  * until the TTL runs out: an agent restarted for an upgrade within the TTL disturbs nobody.
+ * A host removed with `knit host rm -f` while registered finds an `evicted/<name>` key when it
+ * next renews: it stops renewing instead of registering again (src/cluster/remove.ts).
  */
 import { KnitError, invalid } from "../errors.ts";
 import { getLink, listAddrs, listRoutes } from "../kernel/ip.ts";
@@ -96,6 +98,8 @@ export interface RegistrationStatus {
   renewals: number;
   reRegistrations: number;
   lastError?: string;
+  /** Set when `knit host rm -f` removed this host: who and when (the eviction mark). */
+  evicted?: string;
 }
 
 /**
@@ -111,11 +115,12 @@ export class HostRegistration {
   private renewals = 0;
   private reRegistrations = 0;
   private lastError: string | undefined;
+  private evicted: string | undefined;
 
   constructor(
     private readonly store: Store,
     readonly record: HostRecord,
-    private readonly onChange: (event: "registered" | "lost" | "error", err?: unknown) => void,
+    private readonly onChange: (event: "registered" | "lost" | "evicted" | "error", err?: unknown) => void,
   ) {}
 
   /** Register now (throws when the store cannot be reached), then keep it alive. */
@@ -139,6 +144,7 @@ export class HostRegistration {
       renewals: this.renewals,
       reRegistrations: this.reRegistrations,
       ...(this.lastError === undefined ? {} : { lastError: this.lastError }),
+      ...(this.evicted === undefined ? {} : { evicted: this.evicted }),
     };
   }
 
@@ -159,17 +165,35 @@ export class HostRegistration {
     }, every);
   }
 
+  /**
+   * True when `knit host rm -f` removed this host: then it stays out (no more renewals) until
+   * its agent is started again.
+   */
+  private async wasEvicted(): Promise<boolean> {
+    const mark = await this.store.get(keys.evicted(this.record.name));
+    if (!mark) return false;
+    this.stop();
+    this.registered = false;
+    this.evicted = mark.value;
+    this.onChange("evicted");
+    return true;
+  }
+
   private async tick(): Promise<void> {
     try {
       const alive = this.lease !== undefined && (await this.store.keepAlive(this.lease));
       if (alive) {
         this.renewals++;
         // The key may have been deleted by hand while the lease lived on.
-        if (!this.registered || !(await this.store.get(keys.host(this.record.name)))) await this.register();
+        if (!this.registered || !(await this.store.get(keys.host(this.record.name)))) {
+          if (!(await this.wasEvicted())) await this.register();
+        }
         return;
       }
-      if (this.registered) this.onChange("lost");
+      const was = this.registered;
       this.registered = false;
+      if (await this.wasEvicted()) return;
+      if (was) this.onChange("lost");
       this.reRegistrations++;
       await this.register();
     } catch (err) {

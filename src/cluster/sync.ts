@@ -23,6 +23,10 @@
  *
  * Devices of a network whose last local endpoint left are deleted after `idleGraceMs`, once
  * a fresh read of the store confirms it: a connect racing the removal keeps them.
+ *
+ * Overlay networks are part of every host's firewall table (isolation, internal rules, the
+ * DNS guard of internal ones): when one appears, changes state or goes, the table of this
+ * host is rebuilt from the store, so a network removed on another host leaves no rules here.
  */
 import { getJson, listJson, type Store, type Watch, type WatchEvent } from "../store/store.ts";
 import { keys, type Endpoint, type HostRecord, type Network, type Sandbox } from "../model.ts";
@@ -34,6 +38,8 @@ import type { Logger } from "../agent/log.ts";
 import { planNetwork } from "./peers.ts";
 import { reapVanishedHosts } from "./reap.ts";
 import { isGwBridge, leaveGwBridgeIfUnused } from "./attach.ts";
+import { ensureOverlayDnsHost } from "./overlay-dns.ts";
+import { syncFirewall } from "../engine/networks.ts";
 
 /** Prefixes the control plane follows. */
 const PREFIXES = [keys.networks(), keys.endpoints(), keys.hosts()] as const;
@@ -90,6 +96,7 @@ export class OverlaySync {
   private readonly goneLocal: Endpoint[] = [];
   private reapWanted = false;
   private fullWanted = false;
+  private firewallWanted = false;
   private worker: Promise<void> | undefined;
   private watch: Watch | undefined;
   private timers = new Set<ReturnType<typeof setTimeout>>();
@@ -217,7 +224,11 @@ export class OverlaySync {
       const known = this.networks.get(id);
       if (net) this.networks.set(id, net);
       else this.networks.delete(id);
-      if ((net ?? known)?.driver === "overlay") this.dirty.add(id);
+      if ((net ?? known)?.driver === "overlay") {
+        this.dirty.add(id);
+        // Created, made ready, marked for removal or removed (elsewhere): rules change here too.
+        if (live && net?.state !== known?.state) this.firewallWanted = true;
+      }
       return true;
     }
     if (key.startsWith(keys.endpoints())) {
@@ -264,7 +275,7 @@ export class OverlaySync {
   // ---- the worker ----
 
   private hasWork(): boolean {
-    return this.fullWanted || this.reapWanted || this.dirty.size > 0 || this.goneLocal.length > 0;
+    return this.fullWanted || this.reapWanted || this.firewallWanted || this.dirty.size > 0 || this.goneLocal.length > 0;
   }
 
   private kick(): void {
@@ -293,6 +304,18 @@ export class OverlaySync {
       const nets = [...this.dirty];
       this.dirty.clear();
       for (const id of nets) await this.guard(`network ${id.slice(0, 12)}`, () => this.reconcileNetwork(id), id);
+      if (this.firewallWanted) {
+        this.firewallWanted = false;
+        await this.guard("firewall", () =>
+          syncFirewall(this.engine).catch((err: unknown) => {
+            this.later(() => {
+              this.firewallWanted = true;
+              this.kick();
+            }, 1000);
+            throw err;
+          }),
+        );
+      }
     }
   }
 
@@ -326,6 +349,8 @@ export class OverlaySync {
     if (!this.verified.has(id)) {
       // Made again under endpoints that exist (their removal raced a connect): take them back.
       if (await ensureOverlayDevices(plan.network, this.opts.underlay)) await reattachEndpoints(plan.network, plan.local.map((ep) => ep.id));
+      // An internal network's bridge carries the DNS address (src/cluster/overlay-dns.ts).
+      await ensureOverlayDnsHost(plan.network);
       this.verified.add(id);
     }
     this.devices.set(id, plan.network);

@@ -26,14 +26,15 @@ import { attachmentKey, gcValidSet } from "./gc.ts";
 import { mark } from "./trace.ts";
 import { runAll } from "../errors.ts";
 import { getJson } from "../store/store.ts";
-import { keys, type Endpoint, type Network, type Sandbox } from "../model.ts";
+import { OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Network, type Sandbox } from "../model.ts";
 import { findNetwork, type Engine } from "../engine/engine.ts";
 import { connectSandbox, findMembership } from "../engine/endpoints.ts";
 import { drivers } from "../drivers/registry.ts";
-import { batchToken, getLink, ipBatch, linkMacs, listAddrs } from "../kernel/ip.ts";
+import { getLink, linkMacs, listAddrs } from "../kernel/ip.ts";
+import { rtnl, type RouteSpec } from "../kernel/netlink.ts";
 import type { Netns } from "../kernel/exec.ts";
 import { cidrContains, cidrSize, formatIp, parseCidr, parseIpWithPrefix, tryParseIp } from "../net/ip.ts";
-import { checkDnsSettings, dnsServerAddress, servesDns } from "../dns/resolvconf.ts";
+import { checkDnsSettings, dnsServerAddress, servesDns, servesOverlayDns } from "../dns/resolvconf.ts";
 
 const usesKnitIpam = (ctx: PluginContext): boolean => !ctx.conf.ipam || ctx.conf.ipam.type === "" || ctx.conf.ipam.type === "knit-ipam";
 
@@ -65,9 +66,9 @@ function gatewayFor(net: Network, cidr: string): string | undefined {
   return net.subnets.find((s) => cidrContains(parseCidr(s.subnet), ip))?.gateway;
 }
 
-/** IPAM routes other than the default ones knit sets itself, as `ip route` lines for the container. */
-function extraRouteLines(net: Network, ep: Endpoint, routes: readonly CniRoute[]): string[] {
-  const lines: string[] = [];
+/** IPAM routes other than the default ones knit sets itself, as routes to replace in the container. */
+function extraRoutes(net: Network, ep: Endpoint, routes: readonly CniRoute[]): RouteSpec[] {
+  const out: RouteSpec[] = [];
   for (const r of routes) {
     if (r.dst === "0.0.0.0/0" || r.dst === "::/0") continue;
     const v6 = r.dst.includes(":");
@@ -75,16 +76,16 @@ function extraRouteLines(net: Network, ep: Endpoint, routes: readonly CniRoute[]
     if (!addr) continue;
     const gw = r.gw ?? gatewayFor(net, addr);
     if (!gw) continue;
-    lines.push(`route replace ${batchToken(r.dst)} via ${batchToken(gw)} dev ${batchToken(ep.ifname)}`);
+    out.push({ dst: r.dst, gateway: gw, dev: ep.ifname, replace: true });
   }
-  return lines;
+  return out;
 }
 
 function resultDns(ctx: PluginContext, net: Network): CniDns {
   const rt = ctx.conf.runtime.dns;
   const conf = ctx.conf.dns ?? {};
   const dns: CniDns = {};
-  const server = servesDns(net) ? dnsServerAddress(net) : undefined;
+  const server = servesDns(net) ? dnsServerAddress(net) : servesOverlayDns(net) ? OVERLAY_DNS_ADDRESS : undefined;
   const nameservers = server ? [server] : rt?.servers.length ? rt.servers : (conf.nameservers ?? []);
   if (nameservers.length) dns.nameservers = nameservers;
   if (conf.domain) dns.domain = conf.domain;
@@ -195,9 +196,10 @@ function explainConnectError(err: unknown, ifname: string, netns: string): unkno
 /** What an ADD does after the engine wired the endpoint: IPAM routes, hairpin mode, bandwidth. */
 async function applyExtras(ctx: PluginContext, engine: Engine, a: { net: Network; ep: Endpoint; sb: Sandbox; routes: readonly CniRoute[]; shaping: Shaping | undefined }): Promise<void> {
   const { inv, conf } = ctx;
-  const inside = extraRouteLines(a.net, a.ep, a.routes);
-  if (inside.length) await ipBatch(inside, { path: inv.netns });
-  if (conf.fields.bool("hairpinMode") && a.ep.hostIfname) await ipBatch([`link set dev ${batchToken(a.ep.hostIfname)} type bridge_slave hairpin on`]);
+  const inside = extraRoutes(a.net, a.ep, a.routes);
+  if (inside.length) rtnl({ path: inv.netns }, (r) => inside.forEach((route) => r.addRoute(route)));
+  const host = a.ep.hostIfname;
+  if (conf.fields.bool("hairpinMode") && host) rtnl(undefined, (r) => r.setBridgePort(host, { hairpin: true }));
   if (a.shaping) {
     const t = shapingTarget(a.ep, inv.netns);
     // Labelled before the ifb is made, so that DEL always looks for it.

@@ -18,9 +18,13 @@
  * is shared), except hosts whose registration (`hosts/<name>`) is gone. They have no address
  * on any host, so their sandboxes ask on the gateway of docker_gwbridge, their way out: that
  * network is served (listened on) but has no names of its own, so a query arriving there
- * sees exactly the names of the asking sandbox's other networks.
+ * sees exactly the names of the asking sandbox's other networks. Sandboxes of `--internal`
+ * overlay networks have no docker_gwbridge: they ask on {@link OVERLAY_DNS_ADDRESS}, which
+ * this host serves (as the pseudo network {@link INTERNAL_OVERLAYS}) while it has endpoints on
+ * such a network; there the source address tells which network asks (src/cluster/overlay-dns.ts).
  */
-import { GW_BRIDGE_NETWORK, type Endpoint, type HostRecord, type Network, type Sandbox } from "../model.ts";
+import { hostName } from "../engine/owner.ts";
+import { GW_BRIDGE_NETWORK, OVERLAY_DNS_ADDRESS, type Endpoint, type HostRecord, type Network, type Sandbox } from "../model.ts";
 import { cidrContains, parseCidr, tryParseIp, formatIp, type Cidr } from "../net/ip.ts";
 import { encodeName } from "./packet.ts";
 import { servesDns } from "./resolvconf.ts";
@@ -62,6 +66,12 @@ const PREFIX_HOST = "hosts/";
 
 /** Store key prefixes the table needs. */
 export const TABLE_PREFIXES = [PREFIX_NETWORK, PREFIX_ENDPOINT, PREFIX_SANDBOX, PREFIX_HOST] as const;
+
+/**
+ * The served "network" behind {@link OVERLAY_DNS_ADDRESS}: every internal overlay network of
+ * this host at once (not a network id: those are 64 hex digits).
+ */
+export const INTERNAL_OVERLAYS = "internal-overlays";
 
 /** Overlay networks carry names from every host. */
 const namedOverlay = (net: Network): boolean => net.driver === "overlay" && net.state === "ready";
@@ -117,6 +127,8 @@ export class NameTable {
   private reverse = new Map<string, Map<string, Uint8Array>>();
   private members = new Map<string, Member>();
   private sandboxNetworks = new Map<string, string[]>();
+  /** Ready internal overlay networks (their sandboxes ask at OVERLAY_DNS_ADDRESS). */
+  private internalOverlays: string[] = [];
   private nameCount = 0;
 
   /** Forget everything (before a re-list). */
@@ -156,10 +168,12 @@ export class NameTable {
     const overlays = new Set<string>();
     const gateways = new Set<string>();
     const liveHosts = new Set([...this.hosts.values()].map((h) => h.name));
+    const internalOverlays: string[] = [];
     for (const net of this.networks.values()) {
       if (namedOverlay(net)) {
         named.add(net.id);
         overlays.add(net.id);
+        if (net.internal) internalOverlays.push(net.id);
       }
       if (!servesDns(net)) continue;
       if (gatewayOnly(net)) gateways.add(net.id);
@@ -182,6 +196,8 @@ export class NameTable {
     const members = new Map<string, Member>();
     const sandboxNetworks = new Map<string, string[]>();
     let count = 0;
+    const me = hostName();
+    let internalHere = false;
     for (const ep of this.endpoints.values()) {
       const sb = bySandbox.get(ep.sandboxId);
       if (ep.state !== "ready" || !sb) continue;
@@ -196,6 +212,7 @@ export class NameTable {
       if (!named.has(ep.networkId)) continue;
       // An overlay endpoint of a host that left the cluster is gone for everybody.
       if (overlays.has(ep.networkId) && ep.host !== undefined && !liveHosts.has(ep.host)) continue;
+      if (ep.host === me && internalOverlays.includes(ep.networkId)) internalHere = true;
       let netNames = names.get(ep.networkId);
       if (!netNames) names.set(ep.networkId, (netNames = new Map<string, NameRecords>()));
       let netReverse = reverse.get(ep.networkId);
@@ -226,6 +243,8 @@ export class NameTable {
       if (nets) nets.push(ep.networkId);
       else sandboxNetworks.set(sb.id, [ep.networkId]);
     }
+    if (internalHere) served.set(INTERNAL_OVERLAYS, { id: INTERNAL_OVERLAYS, name: "internal overlay networks", addresses: [OVERLAY_DNS_ADDRESS], internal: true, subnets: [] });
+    this.internalOverlays = internalOverlays;
     this.served = served;
     this.names = names;
     this.reverse = reverse;
@@ -250,14 +269,18 @@ export class NameTable {
    * - Any other address inside the network's subnets (the host itself, asking its own
    *   gateway) sees that network's names and gets the host's upstreams.
    * - Anybody else is no client of this network: undefined (the query is refused).
+   * On {@link INTERNAL_OVERLAYS} the network is the internal overlay network that has a
+   * sandbox with that address (their subnets never overlap); nobody else is a client there.
    */
   client(netId: string, addr: string): Client | undefined {
     const key = addr.includes(":") ? canonical(addr) : addr;
-    const member = this.members.get(`${netId} ${key}`);
+    const arrival = netId === INTERNAL_OVERLAYS ? this.internalOverlays.find((id) => this.members.has(`${id} ${key}`)) : netId;
+    if (arrival === undefined) return undefined;
+    const member = this.members.get(`${arrival} ${key}`);
     if (member) {
       const others = this.sandboxNetworks.get(member.sandboxId) ?? [];
       // The arrival network first; on docker_gwbridge (no names) the sandbox's overlays follow.
-      const networks = [netId, ...others.filter((n) => n !== netId)];
+      const networks = [arrival, ...others.filter((n) => n !== arrival)];
       const forward = networks.some((n) => this.served.get(n)?.internal === false);
       return { networks, upstreams: member.upstreams, forward };
     }

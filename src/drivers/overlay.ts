@@ -28,10 +28,11 @@
  */
 import { KnitError, conflict, invalid } from "../errors.ts";
 import { batchToken, bridgeBatch, deleteLink, getLink, ip, ipBatch, type LinkInfo } from "../kernel/ip.ts";
-import { runJson, netnsName } from "../kernel/exec.ts";
+import { runJson } from "../kernel/exec.ts";
+import { rtnl } from "../kernel/netlink.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
 import { hostVethName, knitAlias } from "./bridge.ts";
-import type { Network } from "../model.ts";
+import { OVERLAY_DNS_ADDRESS, type Network } from "../model.ts";
 import { checkIfname, checkOptionKeys, parseIntOption, type DriverState, type NetworkDriver, type PrepareContext } from "./driver.ts";
 
 export const OverlayOptions = {
@@ -316,11 +317,10 @@ export const overlayDriver: NetworkDriver = {
       throw new KnitError("kernel", `overlay network ${network.name} has no bridge ${st.bridge} on this host`, { hint: "is `knit agent --store etcd://...` running on this host?" });
     }
     const host = hostVethName(endpoint.id);
-    const target = netnsName(netns) ?? netns.path;
-    await ipBatch([
-      `link add ${host} mtu ${bridge.mtu} type veth peer name ${batchToken(endpoint.ifname)} mtu ${bridge.mtu} netns ${batchToken(target)}`,
-      `link set dev ${host} master ${batchToken(st.bridge)} alias ${batchToken(knitAlias(endpoint.id))} up`,
-    ]);
+    rtnl(undefined, (r) => {
+      r.createLink(host, { kind: "veth", peer: { name: endpoint.ifname, mtu: bridge.mtu, netns } }, { mtu: bridge.mtu });
+      r.setLink(host, { master: st.bridge, alias: knitAlias(endpoint.id), up: true });
+    });
     // No default route through the overlay: its gateway is on no host. Egress goes through
     // the sandbox's docker_gwbridge interface.
     await configureSandboxIface({ ...network, internal: true }, pools, endpoint, netns);
@@ -332,12 +332,15 @@ export const overlayDriver: NetworkDriver = {
 
   // The overlay bridge is a knit bridge like any other for isolation and for Docker's
   // DOCKER-USER chain (without those accepts, dockerd's FORWARD DROP kills bridged overlay
-  // frames on Docker hosts); it has no masquerade: egress is via docker_gwbridge.
+  // frames on Docker hosts); it has no masquerade: egress is via docker_gwbridge. An internal
+  // network's bridge carries the host's DNS address (src/cluster/overlay-dns.ts): nothing may
+  // be routed in or out through it, and the host answers DNS there, nothing else.
   firewall: (net) => ({
     networkId: net.id,
     bridge: overlayState(net).bridge,
     subnets: net.subnets.map((s) => s.subnet),
     masquerade: false,
-    internal: false,
+    internal: net.internal,
+    ...(net.internal ? { dnsOnly: OVERLAY_DNS_ADDRESS } : {}),
   }),
 };

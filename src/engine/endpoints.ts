@@ -23,6 +23,7 @@ import { ensureDefaultBridgeKernel, syncFirewall } from "./networks.ts";
 import { flushUdpFlows, hairpinPortEndpoints } from "../ports/publish.ts";
 import { attachOverlay, ensureOverlayHost, joinGwBridge, leaveGwBridgeIfUnused, needsGateway, prepareOverlayJoin } from "../cluster/attach.ts";
 import { requireLocalHost } from "../cluster/hosts.ts";
+import { ensureOverlayDnsHost, internalOverlay, routeSandboxDns } from "../cluster/overlay-dns.ts";
 
 export interface ConnectOptions {
   ip?: string;
@@ -249,6 +250,11 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
     } else if (netns) wire = () => driver.attach({ network: net, pools, endpoint, netns });
     if (wire && netns && clusterHost) await attachOverlay(engine, net, clusterHost, endpoint, wire);
     else if (wire) await wire();
+    // An internal overlay's sandbox asks knit's DNS on its host's bridge (src/cluster/overlay-dns.ts).
+    if (wire && netns && clusterHost && !handoff && internalOverlay(net)) {
+      await ensureOverlayDnsHost(net);
+      await routeSandboxDns(engine, sb, netns);
+    }
     faultPoint("connect:after-kernel");
     const ready: Endpoint = { ...endpoint, state: "ready" };
     delete ready.owner;
@@ -307,6 +313,11 @@ export async function disconnectSandbox(engine: Engine, netRef: string, sb: Sand
     () => engine.store.txn([], endpointRowDeletes(ep, sb)),
     async () => {
       if (cascade && needsGateway(net)) await leaveGwBridgeIfUnused(engine, sb);
+    },
+    async () => {
+      // The route to knit's DNS may have gone with this interface: through another internal overlay.
+      const ns = sandboxNetns(sb);
+      if (cascade && ns && internalOverlay(net)) await routeSandboxDns(engine, sb, ns);
     },
     () => dropExternalIfUnused(engine, sb),
   ]);

@@ -6,7 +6,7 @@
  */
 import { invalid } from "../errors.ts";
 import { checkIfname } from "../net/ifname.ts";
-import { formatCidr, parseCidr } from "../net/ip.ts";
+import { formatCidr, formatIp, parseCidr, tryParseIp } from "../net/ip.ts";
 import { checkPortOverlaps, checkPorts, portChains, portSnatRules, sysctlSafeIfname, type CheckedPort, type PublishedPort } from "./dnat.ts";
 
 /** What the firewall needs to know about one bridge network. */
@@ -23,6 +23,12 @@ export interface BridgeNetworkRules {
   internal: boolean;
   /** Ports published to sandboxes on this network (DNAT from the host's addresses). */
   ports?: readonly PublishedPort[];
+  /**
+   * An IPv4 address of the host on the bridge through which sandboxes may reach the host's
+   * DNS (UDP and TCP port 53), and nothing else of the host: everything else that enters
+   * the host from the bridge is dropped (internal overlay networks, src/cluster/overlay-dns.ts).
+   */
+  dnsOnly?: string;
 }
 
 /** A network after validation: canonical subnets split by family. */
@@ -36,6 +42,8 @@ export interface CheckedNetwork {
   readonly ports: readonly CheckedPort[];
   /** route_localnet can be set on the bridge, so 127.0.0.1 can reach published ports. */
   readonly localnet: boolean;
+  /** See {@link BridgeNetworkRules.dnsOnly}: the canonical address, if any. */
+  readonly dnsOnly: string | undefined;
 }
 
 /** Name of knit's table (`table inet knit`). */
@@ -60,6 +68,8 @@ export function checkNetworks(nets: readonly BridgeNetworkRules[]): CheckedNetwo
     const id = checkNetworkId(n.networkId);
     const ports = checkPorts(n.ports ?? [], cidrs, id);
     if (ports.length > 0 && n.internal) throw invalid(`network ${id} is internal: it cannot have published ports`);
+    const dns = n.dnsOnly === undefined ? undefined : tryParseIp(n.dnsOnly);
+    if (n.dnsOnly !== undefined && dns?.family !== 4) throw invalid(`invalid DNS address "${n.dnsOnly}" of network ${id}: expected an IPv4 address`);
     return {
       id,
       bridge,
@@ -69,6 +79,7 @@ export function checkNetworks(nets: readonly BridgeNetworkRules[]): CheckedNetwo
       internal: n.internal,
       ports,
       localnet: sysctlSafeIfname(bridge),
+      dnsOnly: dns ? formatIp(dns) : undefined,
     };
   });
   checkPortOverlaps(checked.flatMap((n) => n.ports));
@@ -111,6 +122,13 @@ export function masqueradeRules(n: CheckedNetwork): string[] {
   ];
 }
 
+/** Into the host from a bridge with a DNS address only: DNS to that address, nothing else. */
+export function inputRules(n: CheckedNetwork): string[] {
+  if (n.dnsOnly === undefined) return [];
+  const br = q(n.bridge);
+  return [`iifname ${br} ip daddr ${n.dnsOnly} meta l4proto { tcp, udp } th dport 53 accept ${comment(n)}`, `iifname ${br} drop ${comment(n)}`];
+}
+
 /** A base chain with its hook line and rules, indented for a table body. */
 export function chain(name: string, hook: string, rules: readonly string[]): string[] {
   return [`\tchain ${name} {`, `\t\t${hook}`, ...rules.map((r) => `\t\t${r}`), "\t}"];
@@ -141,6 +159,8 @@ export function inetTable(nets: readonly CheckedNetwork[]): string[] {
       [...nets.flatMap(masqueradeRules), ...nets.flatMap(portSnatRules)],
     ),
     ...portChains(nets, chain),
+    // Only while a bridge carries a DNS address of the host (an internal overlay network here).
+    ...(nets.some((n) => n.dnsOnly !== undefined) ? chain("input", "type filter hook input priority filter - 5; policy accept;", nets.flatMap(inputRules)) : []),
     "}",
   ];
 }

@@ -2,12 +2,15 @@
  * Host port claims in the store: who holds which host port, so that two sandboxes can never
  * publish the same one, even when two `knit run` commands race.
  *
- * Design note. There is one key per protocol and host port, `ports/<proto>/<port>`, holding
- * every claim on that port as `{ hostIp: sandboxId }`. One key per port (rather than one per
- * host address) is what makes the wildcard rule transactional: "0.0.0.0:8080" conflicts with
- * "10.0.0.5:8080", and with one key per port the claimer reads the key, decides in code, and
- * writes it back under a modRevision compare, so a concurrent claim on any address of that
- * port makes the transaction fail and the plan is made again. Claims are written in the same
+ * Design note. There is one key per host, protocol and host port, `ports/<host>/<proto>/<port>`,
+ * holding every claim on that port as `{ hostIp: sandboxId }`. A published port belongs to the
+ * host that publishes it (Docker's `-p 8080:80` on two hosts is fine), so the host is part of
+ * the key: on a cluster store two hosts never compete for a port, and each host's claims sit
+ * under one prefix. One key per port (rather than one per host address) is what makes the
+ * wildcard rule transactional: "0.0.0.0:8080" conflicts with "10.0.0.5:8080", and with one key
+ * per port the claimer reads the key, decides in code, and writes it back under a modRevision
+ * compare, so a concurrent claim on any address of that port makes the transaction fail and
+ * the plan is made again. Claims are written in the same
  * transaction as the sandbox record whose `ports` lists them, and released in one
  * transaction that also drops `ports` from the record, so record and claims never disagree.
  * Both transactions bump `meta/ports`, which tells a concurrent firewall rebuild to run again.
@@ -16,6 +19,7 @@ import { conflict, invalid } from "../errors.ts";
 import { absent, getJson, putJson, type Compare, type Op } from "../store/store.ts";
 import { keys, type PortClaims, type PortMapping, type PortProtocol, type Sandbox } from "../model.ts";
 import type { Engine } from "../engine/engine.ts";
+import { hostName } from "../engine/owner.ts";
 import { EPHEMERAL_PORTS, hostAddress, type PortRange, type PortRequest } from "./spec.ts";
 import { probeHostPort } from "./probe.ts";
 
@@ -72,14 +76,17 @@ async function holderName(engine: Engine, holder: string): Promise<string> {
 }
 
 /**
- * Choose a host port for every request and build the transaction parts that claim them. A
- * fixed port that is claimed or held by a socket is an error; ranges and `-p PORT` move on to
- * the next free port. Reads the store and probes sockets; writes nothing.
+ * Choose a host port of this host for every request and build the transaction parts that
+ * claim them (the probe checks this host's sockets; the claims go under this host's name,
+ * the host of every sandbox this process creates or publishes for). A fixed port that is
+ * claimed or held by a socket is an error; ranges and `-p PORT` move on to the next free port.
+ * Reads the store and probes sockets; writes nothing.
  */
 export async function planClaims(engine: Engine, sandboxId: string, requests: readonly ResolvedRequest[]): Promise<ClaimPlan> {
   if (requests.length === 0) return { mappings: [], compares: [], ops: [] };
+  const host = hostName();
   const current = new Map<string, { modRevision: number; claims: PortClaims }>();
-  for (const kv of (await engine.store.list(keys.ports())).items) current.set(kv.key, { modRevision: kv.modRevision, claims: JSON.parse(kv.value) as PortClaims });
+  for (const kv of (await engine.store.list(keys.portsOf(host))).items) current.set(kv.key, { modRevision: kv.modRevision, claims: JSON.parse(kv.value) as PortClaims });
   const changed = new Map<string, PortClaims>();
   const claimsOf = (key: string): PortClaims => changed.get(key) ?? current.get(key)?.claims ?? {};
   // Exact ports first, so that a range or `-p 80` in the same command cannot take them.
@@ -91,7 +98,7 @@ export async function planClaims(engine: Engine, sandboxId: string, requests: re
     const exact = r.hostPorts !== undefined && r.hostPorts.start === r.hostPorts.end;
     let chosen: number | undefined;
     for (const port of candidatePorts(r.hostPorts)) {
-      const key = keys.port(r.proto, port);
+      const key = keys.port(host, r.proto, port);
       const holder = claimConflict(claimsOf(key), r.hostIp);
       if (holder !== undefined) {
         if (!exact) continue;
@@ -136,11 +143,11 @@ export async function planClaims(engine: Engine, sandboxId: string, requests: re
 
 const formatRange = (r: PortRange): string => (r.start === r.end ? String(r.start) : `${r.start}-${r.end}`);
 
-/** Claim keys of a sandbox's mappings, each with the host addresses it holds there. */
-function claimKeys(mappings: readonly PortMapping[]): Map<string, Set<string>> {
+/** Claim keys of the mappings of a sandbox on `host`, each with the host addresses it holds there. */
+function claimKeys(host: string, mappings: readonly PortMapping[]): Map<string, Set<string>> {
   const out = new Map<string, Set<string>>();
   for (const m of mappings) {
-    const key = keys.port(m.proto, m.hostPort);
+    const key = keys.port(host, m.proto, m.hostPort);
     out.set(key, (out.get(key) ?? new Set()).add(m.hostIp));
   }
   return out;
@@ -161,7 +168,7 @@ export async function releaseClaims(engine: Engine, sandboxId: string): Promise<
     delete rest.ports;
     const compares: Compare[] = [{ key: kv.key, target: "modRevision", op: "=", value: kv.modRevision }];
     const ops: Op[] = [putJson(kv.key, rest), { type: "put", key: keys.portsMeta(), value: sandboxId }];
-    for (const [key, ips] of claimKeys(mappings)) {
+    for (const [key, ips] of claimKeys(sb.host, mappings)) {
       const claimKv = await engine.store.get(key);
       if (!claimKv) {
         compares.push(absent(key));
@@ -177,26 +184,62 @@ export async function releaseClaims(engine: Engine, sandboxId: string): Promise<
   throw conflict(`could not release the ports of sandbox ${sandboxId.slice(0, 12)}: too much concurrent change`, "try again");
 }
 
+/** What a key under `ports/` names: a host's claim key, or one of the layout before hosts. */
+function parseClaimKey(key: string): { host?: string; proto: string; port: number } | undefined {
+  const parts = key.slice(keys.ports().length).split("/");
+  const port = Number(parts[parts.length - 1]);
+  if (!Number.isInteger(port)) return undefined;
+  if (parts.length === 3) return { host: parts[0] ?? "", proto: parts[1] ?? "", port };
+  if (parts.length === 2) return { proto: parts[0] ?? "", port };
+  return undefined;
+}
+
 /**
- * Drop claims that no sandbox record lists (left by a store edited by hand or an older
- * version); reconcile runs this. Returns how many claims were dropped.
+ * Drop this host's claims that no sandbox record lists (left by a store edited by hand);
+ * reconcile runs this. Claims in the layout of earlier versions (`ports/<proto>/<port>`,
+ * without the host) are moved under the host of the sandbox that lists them, and dropped
+ * when none does. Other hosts' claims are theirs to repair (or `knit host rm`'s to free).
+ * Returns how many claims were dropped.
  */
 export async function dropOrphanClaims(engine: Engine): Promise<number> {
   let dropped = 0;
+  const me = hostName();
   const records = new Map<string, Sandbox | undefined>();
+  const recordOf = async (id: string): Promise<Sandbox | undefined> => {
+    if (!records.has(id)) records.set(id, await getJson<Sandbox>(engine.store, keys.sandbox(id)));
+    return records.get(id);
+  };
   for (const kv of (await engine.store.list(keys.ports())).items) {
+    const parsed = parseClaimKey(kv.key);
+    if (!parsed || (parsed.host !== undefined && parsed.host !== me)) continue;
     const claims = JSON.parse(kv.value) as PortClaims;
-    const left: PortClaims = {};
+    // Where each listed claim belongs now (its sandbox's host), by claim key.
+    const keep = new Map<string, PortClaims>();
     for (const [ip, holder] of Object.entries(claims)) {
-      if (!records.has(holder)) records.set(holder, await getJson<Sandbox>(engine.store, keys.sandbox(holder)));
-      const listed = (records.get(holder)?.ports ?? []).some((m) => keys.port(m.proto, m.hostPort) === kv.key && m.hostIp === ip);
-      if (listed) left[ip] = holder;
+      const sb = await recordOf(holder);
+      if (!sb?.ports?.some((m) => m.proto === parsed.proto && m.hostPort === parsed.port && m.hostIp === ip)) continue;
+      if (parsed.host !== undefined && sb.host !== parsed.host) continue;
+      const key = keys.port(sb.host, parsed.proto, parsed.port);
+      keep.set(key, { ...keep.get(key), [ip]: holder });
     }
-    const gone = Object.keys(claims).length - Object.keys(left).length;
-    if (gone === 0) continue;
-    const op: Op = Object.keys(left).length ? putJson(kv.key, left) : { type: "delete", key: kv.key };
-    const res = await engine.store.txn([{ key: kv.key, target: "modRevision", op: "=", value: kv.modRevision }], [op, { type: "put", key: keys.portsMeta(), value: "gc" }]);
-    if (res.succeeded) dropped += gone;
+    const kept = [...keep.values()].reduce((n, c) => n + Object.keys(c).length, 0);
+    const moved = parsed.host === undefined;
+    if (!moved && kept === Object.keys(claims).length) continue;
+    const compares: Compare[] = [{ key: kv.key, target: "modRevision", op: "=", value: kv.modRevision }];
+    const ops: Op[] = [{ type: "put", key: keys.portsMeta(), value: "gc" }];
+    if (moved) {
+      ops.push({ type: "delete", key: kv.key });
+      for (const [key, add] of keep) {
+        const target = await engine.store.get(key);
+        compares.push(target ? { key, target: "modRevision", op: "=", value: target.modRevision } : absent(key));
+        ops.push(putJson(key, { ...(target ? (JSON.parse(target.value) as PortClaims) : {}), ...add }));
+      }
+    } else {
+      const left = keep.get(kv.key) ?? {};
+      ops.push(Object.keys(left).length ? putJson(kv.key, left) : { type: "delete", key: kv.key });
+    }
+    const res = await engine.store.txn(compares, ops);
+    if (res.succeeded) dropped += Object.keys(claims).length - kept;
   }
   return dropped;
 }

@@ -58,9 +58,11 @@ function sandboxActive(sb: Sandbox): boolean {
 }
 
 /**
- * Every live published port, grouped by network id: mappings of active sandboxes whose
- * endpoint on the mapping's network is ready. A mapping whose endpoint is gone (disconnected)
- * publishes nothing.
+ * Every live published port of this host, grouped by network id: mappings of this host's
+ * active sandboxes whose endpoint on the mapping's network is ready. On a cluster store the
+ * records of every host are there; only this host's sandboxes count, so a host never programs
+ * a DNAT rule for another host's port (ports are per host, as their claims are). A mapping
+ * whose endpoint is gone (disconnected) publishes nothing.
  */
 export async function firewallPorts(engine: Engine): Promise<Map<string, PublishedPort[]>> {
   const out = new Map<string, PublishedPort[]>();
