@@ -6,7 +6,7 @@
  * knit's links from everybody else's.
  */
 import { invalid, conflict } from "../errors.ts";
-import { deleteLink, getLink } from "../kernel/ip.ts";
+import { deleteLink, deleteLinkAside, getLink } from "../kernel/ip.ts";
 import { isErrno, rtnl } from "../kernel/netlink.ts";
 import { formatIp, parseIp } from "../net/ip.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
@@ -133,9 +133,10 @@ export const bridgeDriver: NetworkDriver = {
 
   async deleteNetwork(net) {
     const { bridge } = bridgeState(net);
-    rtnl(undefined, (r) => {
-      if (r.getLink(bridge)?.linkinfo?.info_kind === "bridge") r.deleteLink(bridge);
-    });
+    // In a child process, not by netlink here: the kernel takes 35-45 ms to let a bridge go,
+    // and `network rm` rebuilds the firewall meanwhile (its nft waits too; see
+    // finishNetworkRemoval), which an event loop blocked in a netlink call could not start.
+    if (rtnl(undefined, (r) => r.getLink(bridge)?.linkinfo?.info_kind === "bridge")) await deleteLinkAside(bridge);
   },
 
   async attach({ network, pools, endpoint, netns }) {

@@ -262,10 +262,17 @@ export async function renameNetwork(engine: Engine, id: string, name: string): P
 export async function finishNetworkRemoval(engine: Engine, net: Network): Promise<void> {
   await runAll(`remove network ${net.name}`, [
     async () => faultPoint("network-rm:after-mark"),
-    async () => drivers[net.driver].deleteNetwork(net, await remainingNetworks(engine, net)),
+    // The firewall is rebuilt while the kernel deletes the devices: the network is marked
+    // deleting, so the rebuild leaves it out already, and both wait for RCU grace periods in
+    // the kernel (bridge deletion 35-45 ms, nft's close after a delete ~20 ms) that overlap.
+    async () => {
+      const remaining = await remainingNetworks(engine, net);
+      const [kernel, firewall] = await Promise.allSettled([drivers[net.driver].deleteNetwork(net, remaining), syncFirewall(engine)]);
+      if (kernel.status === "rejected") throw kernel.reason;
+      if (firewall.status === "rejected") throw firewall.reason;
+    },
     async () => faultPoint("network-rm:after-kernel"),
     () => deleteNetworkRows(engine, net),
-    () => syncFirewall(engine),
   ]);
 }
 

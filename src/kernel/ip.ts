@@ -6,6 +6,7 @@
  */
 import { existsSync } from "node:fs";
 import { run, netnsName, type Netns, NETNS_DIR } from "./exec.ts";
+import { KnitError } from "../errors.ts";
 import * as netlink from "./netlink.ts";
 
 /**
@@ -88,6 +89,22 @@ export const listAddrs = async (ns?: Netns): Promise<AddrInfo[]> => netlink.list
  * fine, also when another process deleted it a moment ago). One netlink request.
  */
 export const deleteLink = async (name: string, ns?: Netns): Promise<boolean> => netlink.deleteLink(name, ns);
+
+/**
+ * Delete a link in a child `ip` process: like {@link deleteLink}, but the kernel's wait for
+ * the device to go (an RCU grace period, 20-45 ms for a bridge or veth) happens in that
+ * process, not in this one's netlink call, which would block the event loop for all of it.
+ * For a deletion that can overlap other slow work (the firewall rebuild of `network rm`).
+ */
+export async function deleteLinkAside(name: string, ns?: Netns): Promise<boolean> {
+  const { argv, netns } = ipArgv(ns, "link", "del", "dev", name);
+  const res = await run(argv, { allowFailure: true, ...(netns ? { netns } : {}) });
+  if (res.code === 0) return true;
+  // "Cannot find device": no such name. "No such device": the name was found, but the link
+  // was deleted by another process (the agent, a concurrent rm) before ip's delete reached it.
+  if (/Cannot find device|No such device/.test(res.stderr)) return false;
+  throw new KnitError("kernel", `${argv.join(" ")} failed (exit ${res.code}): ${res.stderr.trim() || res.stdout.trim()}`);
+}
 
 /**
  * All routes of both families in the main table: one dump of every table and family (as
