@@ -4,14 +4,17 @@
  *
  *   internet (198.51.100.10) ── rtr 10.80.0.1 ──┐
  *                                              underlay LAN 10.80.0.0/24 (bridge "ul")
- *     h1 eth0 10.80.0.11   h2 eth0 10.80.0.12   h3 eth0 10.80.0.13   m (a LAN machine) .50
+ *     h1 eth0 10.80.0.11   h2 eth0 10.80.0.12   h3 eth0 10.80.0.13  ...  m (a LAN machine) .250
  *     h1 eth1 ─┐           h2 eth1 ─┐           h3 eth1 ─┐
  *              └──────────── etcd LAN 10.79.x.0/24 (etcd1 .11; this process .2) ──┘
  *
  * Each host runs `knit agent --store etcd://... --name hN --advertise-address 10.80.0.1N`
  * and its CLI with KNIT_STORE (and KNIT_HOST=hN, which every lab host has). etcd has a LAN of
  * its own so that a host can be cut off from it (a firewall rule on the host's etcd-side
- * interface) while the underlay keeps working.
+ * interface) while the underlay keeps working. Host N is 10.80.0.(10+N), up to
+ * {@link MAX_HOSTS} hosts (the scale benchmark, bench/overlay-scale.ts, runs 50); agents start
+ * `agentBatch` at a time, so that many of them starting on a small machine do not all miss
+ * their start-up deadline.
  */
 import { join } from "node:path";
 import { writeFileSync } from "node:fs";
@@ -34,6 +37,13 @@ export interface ClusterLabOptions {
   lanMachine?: boolean;
   /** Log level of the agents (default info). */
   logLevel?: string;
+  /** At most this many agents start at the same time (default 10); each start waits for its registration. */
+  agentBatch?: number;
+  /**
+   * Start an agent again, up to this many times, when it exits during start-up (default 0), as a
+   * service manager would: on a loaded machine a starting agent can miss the store's 2 s deadline.
+   */
+  agentRestarts?: number;
 }
 
 /** One knit host of the cluster. */
@@ -47,11 +57,16 @@ export interface ClusterHost {
   agent: LabProcess | undefined;
 }
 
-/** Underlay subnet of the cluster lab. */
-export const UNDERLAY = { prefix: "10.80.0", bits: 24, router: "10.80.0.1", machine: "10.80.0.50" } as const;
+/** Underlay subnet of the cluster lab: router .1, host N .(10+N), the LAN machine .250. */
+export const UNDERLAY = { prefix: "10.80.0", bits: 24, router: "10.80.0.1", machine: "10.80.0.250" } as const;
+
+/** Most hosts a cluster lab can have (their underlay addresses stay below the LAN machine's). */
+export const MAX_HOSTS = 200;
 
 export class ClusterLab {
   readonly hosts: ClusterHost[] = [];
+  /** Hosts whose agent exited during start-up and was started again (`agentRestarts`), once per restart. */
+  readonly restarted: string[] = [];
   /** A store client in this process (through the etcd LAN), for checks. */
   store!: Store;
   underlay!: LabLan;
@@ -72,6 +87,9 @@ export class ClusterLab {
     const c = new ClusterLab(lab, opts);
     writeFileSync(c.resolvConf, opts.internet === false ? "# no upstreams\n" : `nameserver ${INTERNET.server4}\n`);
     const n = opts.hosts ?? 3;
+    if (!Number.isInteger(n) || n < 1 || n > MAX_HOSTS) throw new LabError(`cluster lab hosts ${n}: use 1 to ${MAX_HOSTS}`);
+    const batch = opts.agentBatch ?? 10;
+    if (!Number.isInteger(batch) || batch < 1) throw new LabError(`cluster lab agentBatch ${batch}: use a positive integer`);
     c.etcd = await startEtcdCluster(lab, { label: "etcd", size: 1, subnet: `10.79.${opts.etcdNet ?? 80}.0/24` });
     c.store = await openEtcdStore({ endpoints: c.etcd.endpoints });
     lab.onCleanup("close the cluster store client", () => c.store.close());
@@ -94,8 +112,21 @@ export class ClusterLab {
       const stub = (await lab.internet()).spawn([process.execPath, join(REPO_ROOT, "src", "dns", "stub-server.ts"), "--listen", INTERNET.server4, "--answer", `example.test=${INTERNET.server4}`, "--quiet"]);
       if (!(await waitFor(() => stub.output().includes("ready"), 10_000, 20))) throw new LabError(`the lab's DNS server did not start:\n${stub.output()}`);
     }
-    await Promise.all(c.hosts.map((h) => c.startAgent(h)));
+    for (let i = 0; i < c.hosts.length; i += batch) await Promise.all(c.hosts.slice(i, i + batch).map((h) => c.startAgentRestarting(h)));
     return c;
+  }
+
+  /** {@link startAgent}, again after an agent that exited during start-up (`agentRestarts` times). */
+  private async startAgentRestarting(h: ClusterHost): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.startAgent(h);
+        return;
+      } catch (err) {
+        if (attempt >= (this.opts.agentRestarts ?? 0) || h.agent?.running !== false) throw err;
+        this.restarted.push(h.label);
+      }
+    }
   }
 
   /** The store spec every host uses. */

@@ -9,7 +9,7 @@
  */
 import { stdoutIsTty, writeOut } from "../cli/output.ts";
 import { INTERNET, Lab, waitFor } from "../lab/lab.ts";
-import { ClusterLab, type ClusterHost } from "./cluster-lab.ts";
+import { ClusterLab, UNDERLAY, type ClusterHost } from "./cluster-lab.ts";
 
 const bold = (s: string): string => (stdoutIsTty() ? `\x1b[1m${s}\x1b[0m` : s);
 
@@ -57,7 +57,7 @@ export async function clusterDemo(): Promise<number> {
 
     const m = c.machine;
     if (!m) throw new Error("no LAN machine");
-    writeOut(`\n${bold("From a machine on the LAN (10.80.0.50):")}\n`);
+    writeOut(`\n${bold(`From a machine on the LAN (${UNDERLAY.machine}):`)}\n`);
     await check(`published port http://${h1.address}:8080/ (web runs on h1)`, true, async () => waitFor(async () => (await lab.httpGet(m, `http://${h1.address}:8080/`)) !== undefined, 5000));
     await lab.exec(m, ["ip", "route", "replace", "192.168.1.0/24", "via", h1.address]);
     await check(`overlay address ${sbs.web.ip["vlan0"]} (even with a route via h1)`, false, async () => lab.ping(m, sbs.web.ip["vlan0"] ?? "?", { waitSec: 1 }));
