@@ -214,7 +214,18 @@ class Agent {
     // Starting is joining: a removal by `knit host rm -f` (src/cluster/remove.ts) is over.
     if (await clearEviction(this.engine.store, record.name)) this.log.info("this host had been removed from the cluster; joining again", { host: record.name });
     await this.registration.start();
-    this.overlay = new OverlaySync(this.engine, { me: record.name, underlay, log: this.log });
+    this.overlay = new OverlaySync(this.engine, {
+      me: record.name,
+      underlay,
+      log: this.log,
+      // A remote overlay name answers once its peer entries are in this host's kernel.
+      onPeersChanged: () => {
+        this.table.invalidate();
+        this.table.refresh();
+      },
+    });
+    const overlay = this.overlay;
+    this.table.setPeerGate((networkId, address) => overlay.programmed(networkId, address));
   }
 
   async stop(): Promise<void> {

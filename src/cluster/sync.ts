@@ -55,6 +55,8 @@ export interface OverlaySyncOptions {
   idleGraceMs?: number;
   /** Pause before listing again after an error (default 1 s). */
   retryMs?: number;
+  /** Called after the set of programmed peer addresses changed (see {@link OverlaySync.programmed}). */
+  onPeersChanged?: () => void;
 }
 
 /** What `knit agent status` shows about the control plane. */
@@ -89,6 +91,8 @@ export class OverlaySync {
   private readonly hosts = new Map<string, HostRecord>();
   /** Overlay networks whose devices exist here (as far as this agent knows), with their record. */
   private readonly devices = new Map<string, Network>();
+  /** network id -> addresses of the remote endpoints whose entries are in this host's kernel. */
+  private readonly peerAddresses = new Map<string, Set<string>>();
   /** Networks whose devices were checked since the last full round. */
   private readonly verified = new Set<string>();
   private readonly dirty = new Set<string>();
@@ -111,6 +115,23 @@ export class OverlaySync {
 
   private get store(): Store {
     return this.engine.store;
+  }
+
+  /**
+   * True when the FDB and neighbour entries of the remote endpoint with `address` on network
+   * `networkId` are programmed here (the DNS table answers its name only then).
+   */
+  programmed(networkId: string, address: string): boolean {
+    return this.peerAddresses.get(networkId)?.has(address) ?? false;
+  }
+
+  /** Record what the kernel now holds for a network; tell the listener when it changed. */
+  private setPeerAddresses(id: string, addresses: Set<string> | undefined): void {
+    const before = this.peerAddresses.get(id);
+    if (addresses === undefined ? before === undefined : before !== undefined && before.size === addresses.size && [...addresses].every((a) => before.has(a))) return;
+    if (addresses === undefined) this.peerAddresses.delete(id);
+    else this.peerAddresses.set(id, addresses);
+    this.opts.onPeersChanged?.();
   }
 
   /** List, bring the data path in step (a full round), then follow the store. */
@@ -355,8 +376,13 @@ export class OverlaySync {
     }
     this.devices.set(id, plan.network);
     const changes = diffPeers(plan.peers, await readPeers(plan.network));
-    if (noChanges(changes)) return;
+    const addresses = new Set(plan.peers.flatMap((p) => p.ips));
+    if (noChanges(changes)) {
+      this.setPeerAddresses(id, addresses);
+      return;
+    }
     await programPeers(plan.network, changes);
+    this.setPeerAddresses(id, addresses);
     this.stats.set += changes.set.length;
     this.stats.removed += changes.removeFdb.length + changes.removeNeigh.length + changes.removeBridged.length;
     this.opts.log.debug("overlay: peers programmed", {
@@ -391,6 +417,7 @@ export class OverlaySync {
       }
     }
     await deleteOverlayDevices(known);
+    this.setPeerAddresses(id, undefined);
     this.devices.delete(id);
     this.verified.delete(id);
     this.idleSince.delete(id);

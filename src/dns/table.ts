@@ -130,6 +130,25 @@ export class NameTable {
   /** Ready internal overlay networks (their sandboxes ask at OVERLAY_DNS_ADDRESS). */
   private internalOverlays: string[] = [];
   private nameCount = 0;
+  /** See {@link setPeerGate}. */
+  private peerGate: ((networkId: string, address: string) => boolean) | undefined;
+
+  /**
+   * Answer for an overlay endpoint of another host only once `gate(network, address)` says
+   * this host's data path knows it (the agent's overlay sync programmed its FDB and
+   * neighbour entries): a name that resolves before that sends the asker's first packet
+   * into a path that drops it, and a client waits out its retry (ping 1 s, TCP SYN 1 s).
+   * Call {@link invalidate} when the gate's answers change.
+   */
+  setPeerGate(gate: ((networkId: string, address: string) => boolean) | undefined): void {
+    this.peerGate = gate;
+    this.dirty = true;
+  }
+
+  /** Rebuild at the next {@link refresh} even without a store change (the peer gate moved). */
+  invalidate(): void {
+    this.dirty = true;
+  }
 
   /** Forget everything (before a re-list). */
   clear(): void {
@@ -212,6 +231,12 @@ export class NameTable {
       if (!named.has(ep.networkId)) continue;
       // An overlay endpoint of a host that left the cluster is gone for everybody.
       if (overlays.has(ep.networkId) && ep.host !== undefined && !liveHosts.has(ep.host)) continue;
+      // Nor before this host's data path can reach it (see setPeerGate).
+      const gate = this.peerGate;
+      if (gate && overlays.has(ep.networkId) && ep.host !== undefined && ep.host !== me) {
+        const addr = ep.ipv4?.split("/")[0] ?? ep.ipv6?.split("/")[0];
+        if (addr && !gate(ep.networkId, addr)) continue;
+      }
       if (ep.host === me && internalOverlays.includes(ep.networkId)) internalHere = true;
       let netNames = names.get(ep.networkId);
       if (!netNames) names.set(ep.networkId, (netNames = new Map<string, NameRecords>()));
