@@ -18,7 +18,7 @@
  * r.addAddress(...); })`. The callback is synchronous (see netlink-socket.ts for why).
  */
 import { KnitError, invalid } from "../errors.ts";
-import { parseIpWithPrefix, tryParseIp, type Ip } from "../net/ip.ts";
+import { formatIp, parseIpWithPrefix, tryParseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "./exec.ts";
 import type { AddrInfo, LinkInfo, RouteInfo } from "./ip.ts";
 import {
@@ -184,24 +184,9 @@ export function formatAddr(bytes: Uint8Array): string {
     if (words[5] === 0xffff) return `::ffff:${v4}`;
     if (words[5] === 0 && (words[6] !== 0 || (words[7] ?? 0) > 1)) return `::${v4}`;
   }
-  let best = -1;
-  let bestLen = 1;
-  for (let i = 0; i < 8; ) {
-    if (words[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && words[j] === 0) j++;
-    if (j - i > bestLen) {
-      best = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  const hex = words.map((w) => w.toString(16));
-  if (best < 0) return hex.join(":");
-  return `${hex.slice(0, best).join(":")}::${hex.slice(best + bestLen).join(":")}`;
+  let value = 0n;
+  for (const b of bytes) value = (value << 8n) | BigInt(b);
+  return formatIp({ family: 6, value });
 }
 
 function parseAddress(text: string, what: string): Ip {
