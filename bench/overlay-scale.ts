@@ -234,6 +234,22 @@ async function waitForMs(pred: () => boolean, timeoutMs: number, intervalMs = 20
   return true;
 }
 
+/**
+ * Poll `followers` until each reports a time through `since` (recorded into `times` by host
+ * label) or TIMEOUT_MS passes; true when every one did.
+ */
+function timesOnEvery(followers: readonly TableFollower[], times: Map<string, number>, since: (f: TableFollower) => number | undefined): Promise<boolean> {
+  return waitForMs(() => {
+    for (const f of followers) {
+      if (times.has(f.h.label)) continue;
+      f.update();
+      const t = since(f);
+      if (t !== undefined) times.set(f.h.label, t);
+    }
+    return times.size === followers.length;
+  }, TIMEOUT_MS, 50);
+}
+
 // ---- the cluster ----
 
 /** A remote endpoint as the peers must hold it. */
@@ -568,15 +584,7 @@ async function incremental(c: ClusterLab, netId: string, followers: TableFollowe
       const want = peerWant(ep, c.hosts);
       const others = followers.filter((f) => f.h !== h);
       const at = new Map<string, number>();
-      const ok = await waitForMs(() => {
-        for (const f of others) {
-          if (at.has(f.h.label)) continue;
-          f.update();
-          const since = f.presentSince(want.mac, want.dst, want.ip);
-          if (since !== undefined) at.set(f.h.label, since);
-        }
-        return at.size === others.length;
-      }, TIMEOUT_MS, 50);
+      const ok = await timesOnEvery(others, at, (f) => f.presentSince(want.mac, want.dst, want.ip));
       if (!ok) throw new Error(`${name} on ${h.label}: only ${at.size} of ${others.length} hosts got its entries within ${TIMEOUT_MS / 1000} s`);
       const lat = [...at.values()].map((t) => t - seen.at);
       fromCommit.push(...lat);
@@ -586,15 +594,7 @@ async function incremental(c: ClusterLab, netId: string, followers: TableFollowe
       const rm0 = wallNow();
       await knitUnboostedOk(c, h, ["rm", "-f", name]);
       const gone = new Map<string, number>();
-      const dropped = await waitForMs(() => {
-        for (const f of others) {
-          if (gone.has(f.h.label)) continue;
-          f.update();
-          const since = f.goneSince(want.mac, want.dst, want.ip);
-          if (since !== undefined) gone.set(f.h.label, since);
-        }
-        return gone.size === others.length;
-      }, TIMEOUT_MS, 50);
+      const dropped = await timesOnEvery(others, gone, (f) => f.goneSince(want.mac, want.dst, want.ip));
       if (!dropped) throw new Error(`${name} on ${h.label}: ${others.length - gone.size} hosts kept its entries after rm`);
       removal.push(...[...gone.values()].map((t) => t - rm0));
       console.log(
