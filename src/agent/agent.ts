@@ -219,8 +219,8 @@ class Agent {
       underlay,
       log: this.log,
       // A remote overlay name answers once its peer entries are in this host's kernel.
-      onPeersChanged: () => {
-        this.table.invalidate();
+      onPeersChanged: (networkId, changed) => {
+        this.table.peersChanged(networkId, changed);
         this.table.refresh();
       },
     });

@@ -55,8 +55,11 @@ export interface OverlaySyncOptions {
   idleGraceMs?: number;
   /** Pause before listing again after an error (default 1 s). */
   retryMs?: number;
-  /** Called after the set of programmed peer addresses changed (see {@link OverlaySync.programmed}). */
-  onPeersChanged?: () => void;
+  /**
+   * Called after the programmed peer addresses of a network changed (see
+   * {@link OverlaySync.programmed}), with the addresses that came or went.
+   */
+  onPeersChanged?: (networkId: string, changed: readonly string[]) => void;
 }
 
 /** What `knit agent status` shows about the control plane. */
@@ -127,11 +130,12 @@ export class OverlaySync {
 
   /** Record what the kernel now holds for a network; tell the listener when it changed. */
   private setPeerAddresses(id: string, addresses: Set<string> | undefined): void {
-    const before = this.peerAddresses.get(id);
-    if (addresses === undefined ? before === undefined : before !== undefined && before.size === addresses.size && [...addresses].every((a) => before.has(a))) return;
+    const before = this.peerAddresses.get(id) ?? new Set<string>();
+    const after = addresses ?? new Set<string>();
+    const changed = [...[...after].filter((a) => !before.has(a)), ...[...before].filter((a) => !after.has(a))];
     if (addresses === undefined) this.peerAddresses.delete(id);
     else this.peerAddresses.set(id, addresses);
-    this.opts.onPeersChanged?.();
+    if (changed.length > 0) this.opts.onPeersChanged?.(id, changed);
   }
 
   /** List, bring the data path in step (a full round), then follow the store. */
