@@ -100,6 +100,11 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(a1).toMatch(/^10\.90\.0\.\d+$/);
     expect(a2).toMatch(/^10\.90\.0\.\d+$/);
     expect(a1).not.toBe(a2);
+    // knit lists each host's container on the one network.
+    for (const [x, name] of [[h(0), "a1"], [h(1), "a2"]] as const) {
+      const view = JSON.parse(await cl.knitOk(x.c, ["network", "inspect", "ov"])) as { Containers: Record<string, { Name: string }> }[];
+      expect(Object.values(view[0]?.Containers ?? {}).map((c) => c.Name)).toContain(name);
+    }
     // The data path: each host's vxlan device knows the other host's endpoint, and only that.
     expect(await cl.peersConverged(overlayId, 10_000)).toBe(true);
     const mac2 = (await h(1).d.dockerOk(["inspect", "-f", '{{(index .NetworkSettings.Networks "ov").MacAddress}}', "a2"])).stdout.trim();
@@ -129,10 +134,10 @@ describe.skipIf(missing !== undefined)(title, () => {
     }
   });
 
-  test("names and the way out work even where the overlay's frames are dropped", async () => {
-    // What does not depend on the bug above: Docker's gateway network is knit's docker_gwbridge,
-    // knit's DNS answers a container with the other host's container (the redirect works),
-    // and the container gets out to the internet through knit's masquerade.
+  test("Docker's gateway network is knit's docker_gwbridge: knit's DNS and the way out", async () => {
+    // Docker's gateway network is knit's docker_gwbridge (same subnet), knit's DNS answers a
+    // container with the other host's container (the redirect works), and the container gets
+    // out to the internet through knit's masquerade.
     const gw = JSON.parse((await h(0).d.dockerOk(["network", "inspect", "docker_gwbridge"])).stdout) as { Driver: string; IPAM: { Config: { Subnet: string }[] } }[];
     expect(gw[0]?.Driver).toBe("knit-h1");
     const knitGw = JSON.parse(await cl.knitOk(h(0).c, ["network", "inspect", "docker_gwbridge"])) as { IPAM: { Config: { Subnet: string }[] } }[];

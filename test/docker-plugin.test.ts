@@ -35,8 +35,9 @@ interface IpLink {
   address?: string;
   ifalias?: string;
   master?: string;
+  mtu?: number;
   linkinfo?: { info_kind?: string };
-  addr_info?: { family: string; local: string; prefixlen: number }[];
+  addr_info?: { family: string; local: string; prefixlen: number; scope?: string }[];
 }
 interface Route {
   dst: string;
@@ -99,9 +100,9 @@ describe.skipIf(missing !== undefined)(title, () => {
     if (!v) throw new Error(`no knit network ${name}`);
     return v;
   }
-  /** Ping from a container; true when a reply came back. The output names the address used. */
+  /** Ping from a container ("-4 NAME": options first); the output when a reply came back (it names the address used). */
   async function pingFrom(container: string, target: string): Promise<string | undefined> {
-    const r = await d.docker(["exec", container, "ping", "-c1", "-W2", target]);
+    const r = await d.docker(["exec", container, "ping", "-c1", "-W2", ...target.split(" ")]);
     return r.code === 0 ? r.stdout : undefined;
   }
   async function knitPing(sandbox: string, target: string): Promise<string | undefined> {
@@ -249,6 +250,68 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await knitPing("k2", "10.63.0.50")).toBeUndefined();
   });
 
+  test("Docker's network options reach knit: knit.driver, IPv6, gateway, aux address, bridge name, MTU, internal, a picked subnet", async () => {
+    const id = (
+      await docker([
+        "network", "create", "-d", "knit", "--ipam-driver", "knit", "-o", "knit.driver=bridge", "--ipv6",
+        "--subnet", "10.64.0.0/24", "--gateway", "10.64.0.254", "--aux-address", "router=10.64.0.2", "--subnet", "fd00:64::/64",
+        "-o", "com.docker.network.bridge.name=kopts0", "-o", "com.docker.network.driver.mtu=1400", "opts",
+      ])
+    ).stdout.trim();
+    // The kernel: knit's bridge under the name and MTU asked for, with both gateways.
+    const br = (JSON.parse((await h.exec(["ip", "-j", "-d", "addr", "show", "dev", "kopts0"])).stdout) as IpLink[])[0];
+    expect(br?.ifalias).toBe(`knit:${id}`);
+    expect(br?.mtu).toBe(1400);
+    const global = (l: IpLink | undefined): string[] => (l?.addr_info ?? []).filter((a) => a.scope === "global").map((a) => `${a.local}/${a.prefixlen}`).sort();
+    expect(global(br)).toEqual(["10.64.0.254/24", "fd00:64::1/64"]);
+    const dv = JSON.parse((await docker(["network", "inspect", "opts"])).stdout) as { EnableIPv6: boolean; IPAM: { Config: { Subnet: string; Gateway?: string }[] } }[];
+    expect(dv[0]?.EnableIPv6).toBe(true);
+    // (Docker shows the configuration it was given: no IPv6 gateway was.)
+    expect(dv[0]?.IPAM.Config.map((c) => `${c.Subnet} ${c.Gateway ?? ""}`).sort()).toEqual(["10.64.0.0/24 10.64.0.254", "fd00:64::/64 "]);
+
+    await docker(["run", "-d", "--init", "--name", "o1", "--network", "opts", "bb", "sleep", "3600"]);
+    await h.knitOk(["run", "-d", "--name", "k5", "--network", "opts", "--", "sleep", "3600"]);
+    const o1ns = await ns("o1");
+    const eth0 = (await links(o1ns)).find((l) => l.ifname === "eth0");
+    expect(eth0?.mtu).toBe(1400);
+    const [v4, v6] = [global(eth0).find((a) => !a.includes(":")), global(eth0).find((a) => a.includes(":"))];
+    // knit's IPAM skips the gateway and the aux address; Docker shows what knit gave.
+    expect(v4).toMatch(/^10\.64\.0\.\d+\/24$/);
+    expect(["10.64.0.2/24", "10.64.0.254/24"]).not.toContain(v4);
+    expect(v6).toMatch(/^fd00:64::[0-9a-f:]+\/64$/);
+    expect((await docker(["inspect", "-f", '{{(index .NetworkSettings.Networks "opts").GlobalIPv6Address}}', "o1"])).stdout.trim()).toBe(v6?.split("/")[0] ?? "?");
+    const defaults = async (family: "-4" | "-6"): Promise<string[]> =>
+      (JSON.parse((await lab.exec(o1ns, ["ip", "-j", family, "route", "show", "default"])).stdout) as Route[]).map((r) => `${r.gateway} dev ${r.dev}`);
+    expect(await defaults("-4")).toEqual(["10.64.0.254 dev eth0"]);
+    expect(await defaults("-6")).toEqual(["fd00:64::1 dev eth0"]);
+    // Both families carry traffic to a knit sandbox on the network, by name (knit's DNS
+    // answers A and AAAA through the redirect).
+    const k5 = (JSON.parse((await h.knitOk(["inspect", "k5"])).stdout) as { NetworkSettings: { Networks: Record<string, { IPAddress: string; GlobalIPv6Address: string }> } }[])[0]?.NetworkSettings.Networks.opts;
+    expect(await pingFrom("o1", "-4 k5")).toContain(k5?.IPAddress ?? "?");
+    expect(await waitFor(async () => (await pingFrom("o1", "-6 k5"))?.includes(k5?.GlobalIPv6Address ?? "?") === true, 10_000, 200)).toBe(true);
+
+    // --internal: no default route, and nothing leaves through knit's bridge even with one.
+    await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "--internal", "--subnet", "10.65.0.0/24", "int"]);
+    await docker(["run", "-d", "--init", "--name", "i1", "--network", "int", "bb", "sleep", "3600"]);
+    const i1ns = await ns("i1");
+    expect(JSON.parse((await lab.exec(i1ns, ["ip", "-j", "route", "show", "default"])).stdout)).toEqual([]);
+    await lab.exec(i1ns, ["ip", "route", "add", "default", "via", "10.65.0.1"]);
+    expect(await lab.waitPing(i1ns, "10.65.0.1")).toBe(true); // the bridge answers...
+    expect(await lab.ping(i1ns, "10.60.0.20")).toBe(false); // ...but forwards nothing out
+    // No subnet given: knit's IPAM picks one that overlaps nothing, and both sides agree on it.
+    await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "auto"]);
+    const picked = (JSON.parse((await docker(["network", "inspect", "auto"])).stdout) as { IPAM: { Config: { Subnet: string }[] } }[])[0]?.IPAM.Config[0]?.Subnet;
+    expect(picked).toMatch(/^172\.\d+\.0\.0\/16$/);
+    expect(await waitFor(async () => (await h.knit(["network", "inspect", "auto"])).code === 0, 5000, 20)).toBe(true);
+    const knitAuto = JSON.parse((await h.knitOk(["network", "inspect", "auto"])).stdout) as { IPAM: { Config: { Subnet: string }[] } }[];
+    expect(knitAuto[0]?.IPAM.Config.map((c) => c.Subnet)).toEqual([picked ?? "?"]);
+
+    await docker(["rm", "-f", "o1", "i1"]);
+    await h.knitOk(["rm", "-f", "k5"]);
+    for (const n of ["opts", "int", "auto"]) await docker(["network", "rm", n]);
+    expect((await hostLinks()).some((l) => l.ifname === "kopts0")).toBe(false);
+  });
+
   test("published ports: -p HOST:CONTAINER and -p CONTAINER, from the LAN, and released with the container", async () => {
     await docker(["run", "-d", "--name", "web", "--network", "front", "-p", "8080:80", "-p", "80", "bb", "sh", "-c", "mkdir -p /www && echo hello-from-docker > /www/index.html && exec httpd -f -p 80 -h /www"]);
     expect(await waitFor(async () => (await lab.httpGet(peer, "http://10.60.0.10:8080/"))?.includes("hello-from-docker") === true, 10_000, 200)).toBe(true);
@@ -273,6 +336,60 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await lab.httpGet(peer, "http://10.60.0.10:8080/", 1)).toBeUndefined();
   });
 
+  test("published ports as Docker users expect: 127.0.0.1, ranges, -P, UDP, hairpin, and following the gateway network", async () => {
+    const serve = "for p in 80 81 82; do mkdir -p /w$p && echo port-$p > /w$p/index.html; done; httpd -p 81 -h /w81; httpd -p 82 -h /w82; exec httpd -f -p 80 -h /w80";
+    await docker(["run", "-d", "--name", "web3", "--network", "front", "-p", "127.0.0.1:8090:80", "-p", "8100-8101:80-81", "--expose", "82", "-P", "-p", "5300:5300/udp", "bb", "sh", "-c", serve]);
+    const web3ns = await ns("web3");
+    await lab.waitListening(web3ns, 80);
+    // Bound to 127.0.0.1: the host reaches it there; another machine does not.
+    expect(await waitFor(async () => (await lab.httpGet(h, "http://127.0.0.1:8090/"))?.includes("port-80") === true, 10_000, 200)).toBe(true);
+    expect(await lab.httpGet(peer, "http://10.60.0.10:8090/", 1)).toBeUndefined();
+    // A range maps one to one; -P publishes the exposed port on a free host port.
+    expect(await lab.httpGet(peer, "http://10.60.0.10:8100/")).toContain("port-80");
+    expect(await lab.httpGet(peer, "http://10.60.0.10:8101/")).toContain("port-81");
+    const ports = (JSON.parse((await h.knitOk(["inspect", "web3"])).stdout) as { NetworkSettings: { Ports: Record<string, { HostPort: string }[] | null> } }[])[0]?.NetworkSettings.Ports ?? {};
+    const random = Number(ports["82/tcp"]?.[0]?.HostPort);
+    expect(random).toBeGreaterThanOrEqual(49153);
+    expect(await lab.httpGet(peer, `http://10.60.0.10:${random}/`)).toContain("port-82");
+    // Docker asks the driver for what it published: EndpointOperInfo answers with knit's view.
+    const epId = (await docker(["inspect", "-f", '{{(index .NetworkSettings.Networks "front").EndpointID}}', "web3"])).stdout.trim();
+    const info = await call("/NetworkDriver.EndpointOperInfo", { NetworkID: ids.front, EndpointID: epId });
+    expect(info.json?.Value).toMatchObject({ "knit.network": ids.front, "knit.sandbox": "web3" });
+    expect((info.json?.Value as { "knit.ports": string[] })["knit.ports"]).toContain(`127.0.0.1:8090->80/tcp`);
+    // UDP: a server in the container's namespace, a client on another machine.
+    const udpServer = lab.spawn(web3ns, [process.execPath, "-e", 'await Bun.udpSocket({ hostname: "0.0.0.0", port: 5300, socket: { data(s, b, p, a) { s.send("udp-" + b.toString(), p, a); } } });']);
+    const udpClient = `const c = await Bun.udpSocket({ socket: { data(_s, b) { console.log(b.toString()); process.exit(0); } } });
+      setInterval(() => c.send("hello", 5300, "10.60.0.10"), 100); setTimeout(() => process.exit(1), 5000);`;
+    try {
+      expect((await lab.exec(peer, [process.execPath, "-e", udpClient], { check: false })).stdout).toContain("udp-hello");
+    } finally {
+      await udpServer.stop();
+    }
+    // Hairpin: another container on the network, through the host's address.
+    expect(await lab.httpGet(await ns("c1"), "http://10.60.0.10:8100/")).toContain("port-80");
+
+    // The ports go where Docker's gateway goes: "alt" sorts first, so Docker revokes them on
+    // front and programs them on alt (and back again when web3 leaves alt).
+    const dnatTo = async (): Promise<string[]> =>
+      [...(await h.exec(["nft", "list", "table", "inet", "knit"])).stdout.matchAll(/dport 8100 dnat ip to ([\d.]+):80/g)].map((m) => m[1] ?? "");
+    const front = await addrOf("web3", "front");
+    expect(await dnatTo()).toEqual([front]);
+    await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "--subnet", "10.66.0.0/24", "alt"]);
+    await docker(["network", "connect", "alt", "web3"]);
+    const alt = await addrOf("web3", "alt");
+    expect(await dnatTo()).toEqual([alt]);
+    expect(await lab.httpGet(peer, "http://10.60.0.10:8100/")).toContain("port-80");
+    await docker(["network", "disconnect", "alt", "web3"]);
+    expect(await dnatTo()).toEqual([front]);
+    expect(await lab.httpGet(peer, "http://10.60.0.10:8100/")).toContain("port-80");
+
+    await docker(["rm", "-f", "web3"]);
+    await docker(["network", "rm", "alt"]);
+    expect(await dnatTo()).toEqual([]);
+    expect(await storeKeys("ports/")).toEqual([]);
+    expect(await lab.httpGet(h, "http://127.0.0.1:8090/", 1)).toBeUndefined();
+  });
+
   test("macvlan: a container on the LAN, reachable from another machine", async () => {
     ids.lan = (
       await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "-o", "knit.driver=macvlan", "-o", "parent=eth1", "--subnet", "10.60.0.0/24", "--ip-range", "10.60.0.128/25", "--gateway", "10.60.0.1", "lan"])
@@ -285,6 +402,10 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(eth0?.addr_info?.map((a) => a.local)).toEqual([m1]);
     expect(await lab.waitPing(peer, m1)).toBe(true);
     expect(await flags("eth1")).toContain("PROMISC");
+    // A knit macvlan network, listing the container.
+    const kv = await knitNetwork("lan");
+    expect(kv.Driver).toBe("macvlan");
+    expect(Object.values(kv.Containers).map((c) => `${c.Name} ${c.IPv4Address}`)).toEqual([`m1 ${m1}/24`]);
 
     await docker(["rm", "-f", "m1"]);
     expect(await lab.ping(peer, m1)).toBe(false);
@@ -323,6 +444,8 @@ describe.skipIf(missing !== undefined)(title, () => {
       [["-d", "knit", "--subnet", "10.61.0.128/25"], /subnet 10\.61\.0\.128\/25 overlaps network "front"/],
       [["-d", "knit", "--ipam-driver", "knit", "--ipam-opt", "x=1", "--subnet", "10.70.0.0/24"], /unknown IPAM option "x"/],
       [["-d", "knit", "-o", "knit.driver=macvlan", "-o", "parent=nosuch0", "--subnet", "10.70.0.0/24"], /parent interface nosuch0 does not exist/],
+      [["-d", "knit", "-o", "knit.driver=macvlan", "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true", "--subnet", "10.70.0.0/24"], /option knit\.macvlan\.host_access is not available through Docker/],
+      [["-d", "knit", "-o", "knit.driver=overlay", "--subnet", "10.70.0.0/24"], /a knit overlay network needs knit's IPAM driver/],
     ];
     for (const [args, re] of cases) {
       const r = await d.docker(["network", "create", ...args, "bad"]);
@@ -333,6 +456,12 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect((await d.docker(["network", "inspect", "bad"])).code).not.toBe(0);
     expect((await hostLinks()).map((l) => l.ifname).sort()).toEqual(before);
     expect(await storeKeys("docker/pools/")).toEqual(pools);
+    // An address knit's IPAM gave already (RequestAddress), by name.
+    const taken = await addrOf("c1", "front");
+    const dup = await d.docker(["run", "-d", "--name", "dup", "--network", "front", "--ip", taken, "bb", "sleep", "60"]);
+    expect(dup.code).not.toBe(0);
+    expect(dup.stderr).toContain(`remote: address ${taken} is already in use on network front`);
+    await d.docker(["rm", "-f", "dup"]);
 
     // knit will not remove Docker's network behind Docker's back...
     const rm = await h.knit(["network", "rm", "back"]);
@@ -341,6 +470,8 @@ describe.skipIf(missing !== undefined)(title, () => {
     // ...and when Docker removes it while a knit sandbox is on it, knit keeps it for that sandbox.
     await docker(["network", "rm", "back"]);
     expect((await d.docker(["network", "inspect", "back"])).code).not.toBe(0);
+    // dockerd got knit's {"Err"} (it logs it and forgets the network anyway).
+    expect(d.process.output()).toMatch(/driver error deleting network back : remote: .*knit keeps network back for them/);
     expect((await knitNetwork("back")).Labels).toEqual({});
     expect(await knitPing("k2", "10.63.0.1")).toBeDefined();
     await h.knitOk(["rm", "-f", "k2"]);
@@ -366,12 +497,35 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(String(garbled.json?.Err)).toContain("not JSON");
     expect((await call("/NetworkDriver.Join", { NetworkID: "x", EndpointID: "y", SandboxKey: "/z" })).status).toBe(400);
     expect((await call("/IpamDriver.RequestPool", { AddressSpace: "knit", V6: "yes" })).json?.Err).toContain("V6");
+    // Every call with arguments refuses a body without them, naming the field.
+    for (const [p, field] of [
+      ["/NetworkDriver.CreateNetwork", "NetworkID"],
+      ["/NetworkDriver.DeleteNetwork", "NetworkID"],
+      ["/NetworkDriver.CreateEndpoint", "NetworkID"],
+      ["/NetworkDriver.EndpointOperInfo", "NetworkID"],
+      ["/NetworkDriver.DeleteEndpoint", "NetworkID"],
+      ["/NetworkDriver.Join", "SandboxKey"],
+      ["/NetworkDriver.Leave", "NetworkID"],
+      ["/NetworkDriver.ProgramExternalConnectivity", "NetworkID"],
+      ["/NetworkDriver.RevokeExternalConnectivity", "NetworkID"],
+      ["/IpamDriver.RequestPool", "AddressSpace"],
+      ["/IpamDriver.ReleasePool", "PoolID"],
+      ["/IpamDriver.RequestAddress", "PoolID"],
+      ["/IpamDriver.ReleaseAddress", "PoolID"],
+    ] as const) {
+      const r = await call(p, {});
+      expect({ p, status: r.status }).toEqual({ p, status: 400 });
+      expect(String(r.json?.Err)).toContain(`missing field ${field}`);
+    }
     // Well-formed but impossible: 200 with {"Err"} (network) or {"Error"} (IPAM).
     const fake = "f".repeat(64);
     const join = await call("/NetworkDriver.Join", { NetworkID: fake, EndpointID: fake, SandboxKey: "/run/x", Options: {} });
     expect(join).toMatchObject({ status: 200, json: { Err: `endpoint ${fake.slice(0, 12)} was not created` } });
     expect((await call("/NetworkDriver.CreateEndpoint", { NetworkID: fake, EndpointID: fake, Interface: { Address: "10.9.9.9/24" } })).json?.Err).toContain("knit has no network for Docker network");
     expect((await call("/NetworkDriver.EndpointOperInfo", { NetworkID: fake, EndpointID: fake })).json?.Err).toContain("not found");
+    const program = await call("/NetworkDriver.ProgramExternalConnectivity", { NetworkID: fake, EndpointID: fake, Options: { "com.docker.network.portmap": [{ Proto: 6, IP: "", Port: 80, HostIP: "", HostPort: 8080, HostPortEnd: 8080 }] } });
+    expect(program).toMatchObject({ status: 200, json: { Err: `endpoint ${fake.slice(0, 12)} not found` } });
+    expect((await call("/NetworkDriver.ProgramExternalConnectivity", { NetworkID: fake, EndpointID: fake, Options: { "com.docker.network.portmap": "80" } })).status).toBe(400);
     expect((await call("/IpamDriver.RequestAddress", { PoolID: "nope", Address: "", Options: {} })).json).toEqual({ Error: "IPAM pool nope not found" });
     expect((await call("/IpamDriver.RequestPool", { AddressSpace: "other", Pool: "", SubPool: "", Options: {}, V6: false })).json?.Error).toContain('unknown address space "other"');
     // Removing what is not there succeeds (Docker repeats these after crashes).
@@ -393,6 +547,10 @@ describe.skipIf(missing !== undefined)(title, () => {
     const again = (await call("/IpamDriver.RequestAddress", { PoolID: pool.PoolID, Address: pool.Pool.replace(/0\.0\/16$/, "0.1"), Options: {} })).json;
     expect(again?.Error).toContain("already in use");
     expect((await call("/IpamDriver.RequestAddress", { PoolID: pool.PoolID, Address: "", Options: {} })).json?.Address).toBe(pool.Pool.replace(/0\.0\/16$/, "0.2/16"));
+    // Released, the address is handed out again; a release of something that is not an address is refused.
+    expect((await call("/IpamDriver.ReleaseAddress", { PoolID: pool.PoolID, Address: pool.Pool.replace(/0\.0\/16$/, "0.2") })).json).toEqual({});
+    expect((await call("/IpamDriver.RequestAddress", { PoolID: pool.PoolID, Address: "", Options: {} })).json?.Address).toBe(pool.Pool.replace(/0\.0\/16$/, "0.2/16"));
+    expect((await call("/IpamDriver.ReleaseAddress", { PoolID: pool.PoolID, Address: "not-an-ip" })).json?.Error).toContain("not-an-ip");
     expect((await call("/IpamDriver.ReleasePool", { PoolID: pool.PoolID })).json).toEqual({});
     expect((await storeKeys("docker/")).filter((k) => k.includes(pool.PoolID))).toEqual([]);
   });
@@ -406,6 +564,9 @@ describe.skipIf(missing !== undefined)(title, () => {
     await d.stop();
     expect(await storeKeys("docker/endpoints/")).toEqual([]);
     expect(await ofDocker()).toEqual([]);
+    // knit keeps the network, its bridge and its knit sandbox while no dockerd runs.
+    expect((await knitNetwork("front")).Id).toBe(ids.front);
+    expect(await knitPing("k1", "10.61.0.1")).toBeDefined();
     expect(await waitFor(async () => (await redirects())?.length === 0, 5000, 50)).toBe(true);
     d = await startDocker(h);
     expect((await docker(["network", "ls", "--filter", "driver=knit", "--format", "{{.Name}}"])).stdout.trim().split("\n").sort()).toEqual(["front"]);
@@ -474,6 +635,19 @@ describe.skipIf(missing !== undefined)(title, () => {
     const unit = await Bun.file(`${dir}/knit-agent.service`).text();
     expect(unit).toMatch(/^ExecStart=\S+\/bin\/knit agent --docker-plugin$/m);
     expect(unit).toContain("Before=docker.service");
+    // What the unit starts serves the plugin: dockerd finds it, and the network is knit's.
+    // (Under systemd the daemon is the default socket; here the lab's, through DOCKER_HOST.)
+    const execStart = /^ExecStart=(.+)$/m.exec(unit)?.[1]?.split(" ") ?? [];
+    await h.knitOk(["agent", "stop"]);
+    await agent.exited;
+    agent = h.spawn(execStart, { env: h.knitEnv({ DOCKER_HOST: d.dockerHost }) });
+    expect(await waitFor(() => existsSync(SOCKET) && existsSync(`${h.stateDir}/agent.pid`), 20_000, 20)).toBe(true);
+    const viaUnit = (await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "--subnet", "10.67.0.0/24", "unitnet"])).stdout.trim();
+    expect(await waitFor(async () => (await h.knit(["network", "ls", "--format", "{{.ID}} {{.Name}}"])).stdout.includes(`${viaUnit.slice(0, 12)} unitnet`), 5000, 20)).toBe(true);
+    await docker(["network", "rm", "unitnet"]);
+    await h.knitOk(["agent", "stop"]);
+    await agent.exited;
+    await startAgent();
     // Again: replaced in place. Someone else's unit of that name: refused.
     await h.knitOk(["install", "--cni-bin-dir", `${lab.dir}/_cni`, "--from-source", "--docker-plugin", "--systemd-dir", dir]);
     await Bun.write(`${dir}/knit-agent.service`, "[Unit]\nDescription=not knit\n");
