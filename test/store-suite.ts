@@ -157,6 +157,24 @@ export function runStoreSuite(name: string, open: () => Promise<Store>, cleanup?
         expect(await store.list(fresh())).toEqual({ items: [], revision });
       });
 
+      test("list with a limit returns the first keys in order and says whether more exist", async () => {
+        const prefix = fresh();
+        for (const key of ["c", "a", "d", "b"]) await store.put(`${prefix}${key}`, key);
+        await store.put(`${prefix.slice(0, -1)}-sibling`, "not under the prefix");
+        const two = await store.list(prefix, { limit: 2 });
+        expect(two.items.map((kv) => kv.value)).toEqual(["a", "b"]);
+        expect(two.more).toBe(true);
+        const four = await store.list(prefix, { limit: 4 });
+        expect(four.items.map((kv) => kv.value)).toEqual(["a", "b", "c", "d"]);
+        expect(four.more).toBe(false);
+        const many = await store.list(prefix, { limit: 100 });
+        expect(many.items.length).toBe(4);
+        expect(many.more).toBe(false);
+        expect(many.revision).toBe((await store.list(prefix)).revision);
+        expect((await store.list(fresh(), { limit: 1 })).items).toEqual([]);
+        for (const bad of [0, -1, 1.5, Number.NaN]) expect((await rejection(store.list(prefix, { limit: bad }))).message).toMatch(/list limit must be a positive integer/);
+      });
+
       test("list treats prefix characters literally", async () => {
         const prefix = fresh();
         // "a&", "a`", "a+", "ê": the code point right after a prefix's last one must not match.

@@ -18,7 +18,6 @@ import { listNetworks } from "../engine/engine.ts";
 import { closeSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { KnitError } from "../errors.ts";
-import { listJson } from "../store/store.ts";
 import { keys, type Endpoint } from "../model.ts";
 import type { Engine } from "../engine/engine.ts";
 import { refreshSandboxResolvConfs, servesDns } from "../dns/resolvconf.ts";
@@ -33,10 +32,14 @@ const autostartEnabled = (): boolean => process.env.KNIT_AGENT_AUTOSTART !== "0"
 
 /** True when some ready endpoint sits on a network with knit DNS. */
 export async function agentNeeded(engine: Engine): Promise<boolean> {
+  const ready = (items: readonly { value: string }[]): boolean => items.some((kv) => (JSON.parse(kv.value) as Endpoint).state === "ready");
   for (const net of await listNetworks(engine)) {
     if (!servesDns(net)) continue;
-    const eps = await listJson<Endpoint>(engine.store, keys.endpointsOf(net.id));
-    if (eps.some((ep) => ep.state === "ready")) return true;
+    // The first few endpoints nearly always include a ready one: this runs after every
+    // command that may remove endpoints, and must not cost O(endpoints on the network).
+    const first = await engine.store.list(keys.endpointsOf(net.id), { limit: 8 });
+    if (ready(first.items)) return true;
+    if (first.more === true && ready((await engine.store.list(keys.endpointsOf(net.id))).items)) return true;
   }
   return false;
 }

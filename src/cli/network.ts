@@ -5,7 +5,7 @@ import { defineCommand, parseArgs, renderHelp, type CommandSpec } from "./args.t
 import { matchNetworkFilters, NetworkFilterKeys, parseFilters, renderFormat, renderTable, renderTemplate, shortId, joinLabels } from "./format.ts";
 import { invalid } from "../errors.ts";
 import { type Network } from "../model.ts";
-import { createNetwork, networkEndpointCount, pruneNetworks, removeNetwork } from "../engine/networks.ts";
+import { createNetwork, networkHasEndpoints, pruneNetworks, removeNetwork } from "../engine/networks.ts";
 import { connectSandbox, disconnectSandbox } from "../engine/endpoints.ts";
 import { resolveContainer } from "../engine/containers.ts";
 import { type Engine, getNetwork, getSandbox, listNetworks } from "../engine/engine.ts";
@@ -152,7 +152,7 @@ export async function networkMain(ctx: CommandContext, argv: readonly string[]):
       const filters = parseFilters(a.flags.filter, NetworkFilterKeys);
       const nets: Network[] = [];
       for (const n of await sortedNetworks(engine)) {
-        const inUse = filters.has("dangling") ? (await networkEndpointCount(engine, n.id)) > 0 : false;
+        const inUse = filters.has("dangling") ? await networkHasEndpoints(engine, n.id) : false;
         if (matchNetworkFilters(filters, { ...n, inUse })) nets.push(n);
       }
       const rows = nets.map((n) => lsRow(n, a.flags["no-trunc"]));

@@ -208,6 +208,11 @@ export async function networkEndpointCount(engine: Engine, netId: string): Promi
   return (await engine.store.list(keys.endpointsOf(netId))).items.length;
 }
 
+/** Whether a network has endpoints (any state); reads one key at most. */
+export async function networkHasEndpoints(engine: Engine, netId: string): Promise<boolean> {
+  return (await engine.store.list(keys.endpointsOf(netId), { limit: 1 })).items.length > 0;
+}
+
 /** Remove a network: refused while endpoints exist and for predefined networks. */
 export async function removeNetwork(engine: Engine, ref: string, opts: { byDocker?: boolean } = {}): Promise<Network> {
   const net = await getNetwork(engine, ref);
@@ -218,14 +223,14 @@ export async function removeNetwork(engine: Engine, ref: string, opts: { byDocke
   // left still counts below).
   await repairSandboxes(engine).catch(() => undefined);
   await repairNetworkEndpoints(engine, net.id);
-  const count = await networkEndpointCount(engine, net.id);
-  if (count > 0) {
+  if (await networkHasEndpoints(engine, net.id)) {
+    const count = await networkEndpointCount(engine, net.id);
     throw conflict(`error while removing network: network ${net.name} id ${net.id} has active endpoints (${count})`, `disconnect them first: knit network disconnect ${net.name} SANDBOX`);
   }
   // Mark first: a concurrent connect compares the network's revision and fails after this.
   const marked: Network = { ...net, state: "deleting", owner: currentOwner() };
   await engine.store.txn([], [putJson(keys.network(net.id), marked), putJson(keys.pendingNetwork(net.id), marked.owner)]);
-  if ((await networkEndpointCount(engine, net.id)) > 0) {
+  if (await networkHasEndpoints(engine, net.id)) {
     await engine.store.txn([], [putJson(keys.network(net.id), net), { type: "delete", key: keys.pendingNetwork(net.id) }]);
     throw conflict(`error while removing network: network ${net.name} id ${net.id} has active endpoints`);
   }
@@ -294,7 +299,7 @@ export async function pruneNetworks(engine: Engine, labelFilter?: (n: Network) =
   const removed: string[] = [];
   for (const net of await listNetworks(engine)) {
     if (net.predefined || net.state !== "ready" || (labelFilter && !labelFilter(net))) continue;
-    if ((await networkEndpointCount(engine, net.id)) > 0) continue;
+    if (await networkHasEndpoints(engine, net.id)) continue;
     try {
       await removeNetwork(engine, net.id);
       removed.push(net.name);

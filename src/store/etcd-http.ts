@@ -26,7 +26,8 @@
  */
 import { KnitError, invalid, notFound } from "../errors.ts";
 import { checkEndpoint } from "./open.ts";
-import type { Compare, CompareOp, KeyValue, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import { checkLimit } from "./store.ts";
 
 /** Root prefix of knit's keys in etcd, unless configured (the same as EtcdStore's). */
 export const DEFAULT_ETCD_PREFIX = "/knit/";
@@ -125,9 +126,13 @@ export class EtcdHttpStore implements Store {
     return kv === undefined ? undefined : this.toKeyValue(kv);
   }
 
-  async list(prefix: string): Promise<ListResult> {
-    const res = await this.call<{ kvs?: RawKv[]; header?: Header }>(`list ${prefix}`, "idempotent", "/v3/kv/range", this.range(prefix));
-    return { items: (res.kvs ?? []).map((kv) => this.toKeyValue(kv)), revision: Number(res.header?.revision ?? 0) };
+  async list(prefix: string, opts: ListOptions = {}): Promise<ListResult> {
+    const limit = checkLimit(opts.limit);
+    const body = limit === undefined ? this.range(prefix) : { ...this.range(prefix), limit };
+    const res = await this.call<{ kvs?: RawKv[]; header?: Header; more?: boolean }>(`list ${prefix}`, "idempotent", "/v3/kv/range", body);
+    const items = (res.kvs ?? []).map((kv) => this.toKeyValue(kv));
+    const revision = Number(res.header?.revision ?? 0);
+    return limit === undefined ? { items, revision } : { items, revision, more: res.more === true };
   }
 
   async txn(compares: readonly Compare[], success: readonly Op[], failure: readonly Op[] = []): Promise<TxnResult> {

@@ -44,7 +44,8 @@ import {
 import { KnitError, invalid, notFound } from "../errors.ts";
 import { checkEndpoint } from "./open.ts";
 import { DEFAULT_ETCD_PREFIX, isLeaseId, prefixEnd } from "./etcd-http.ts";
-import type { Compare, CompareOp, KeyValue, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import { checkLimit } from "./store.ts";
 
 export { DEFAULT_ETCD_PREFIX };
 /** Deadline of one store call, all retries included. */
@@ -99,9 +100,13 @@ export class EtcdStore implements Store {
     return kv === undefined ? undefined : this.toKeyValue(kv);
   }
 
-  async list(prefix: string): Promise<ListResult> {
-    const res = await this.call(`list ${prefix}`, "idempotent", (options) => this.client.kv.range(this.range(prefix), options));
-    return { items: res.kvs.map((kv) => this.toKeyValue(kv)), revision: Number(res.header.revision) };
+  async list(prefix: string, opts: ListOptions = {}): Promise<ListResult> {
+    const limit = checkLimit(opts.limit);
+    const request = limit === undefined ? this.range(prefix) : { ...this.range(prefix), limit };
+    const res = await this.call(`list ${prefix}`, "idempotent", (options) => this.client.kv.range(request, options));
+    const items = res.kvs.map((kv) => this.toKeyValue(kv));
+    const revision = Number(res.header.revision);
+    return limit === undefined ? { items, revision } : { items, revision, more: res.more };
   }
 
   async txn(compares: readonly Compare[], success: readonly Op[], failure: readonly Op[] = []): Promise<TxnResult> {

@@ -19,7 +19,8 @@ import { Database, SQLiteError } from "bun:sqlite";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { KnitError, invalid, notFound } from "../errors.ts";
-import type { Compare, CompareOp, KeyValue, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
+import { checkLimit } from "./store.ts";
 
 /** Revisions of history kept for watches before automatic compaction. */
 const HISTORY = 10_000;
@@ -71,9 +72,15 @@ export class SqliteStore implements Store {
     return row === null ? undefined : toKeyValue(row);
   }
 
-  async list(prefix: string): Promise<ListResult> {
+  async list(prefix: string, opts: ListOptions = {}): Promise<ListResult> {
+    const limit = checkLimit(opts.limit);
     await this.expireLeases();
-    const read = this.db.transaction(() => ({ items: this.rows(prefix).map(toKeyValue), revision: this.meta("revision") }));
+    const read = this.db.transaction((): ListResult => {
+      const rows = this.rows(prefix, limit === undefined ? undefined : limit + 1);
+      const revision = this.meta("revision");
+      if (limit === undefined) return { items: rows.map(toKeyValue), revision };
+      return { items: rows.slice(0, limit).map(toKeyValue), revision, more: rows.length > limit };
+    });
     return this.retry(() => read.deferred());
   }
 
@@ -268,10 +275,11 @@ export class SqliteStore implements Store {
     return this.db.query<KvRow, [string]>("SELECT * FROM kv WHERE key = ?").get(key);
   }
 
-  /** The keys under `prefix`, sorted. */
-  private rows(prefix: string): KvRow[] {
+  /** The keys under `prefix`, sorted (the first `limit` of them). */
+  private rows(prefix: string, limit?: number): KvRow[] {
     const range = keyRange(prefix);
-    return this.db.query<KvRow, string[]>(`SELECT * FROM kv WHERE ${range.sql} ORDER BY key`).all(...range.params);
+    if (limit === undefined) return this.db.query<KvRow, string[]>(`SELECT * FROM kv WHERE ${range.sql} ORDER BY key`).all(...range.params);
+    return this.db.query<KvRow, (string | number)[]>(`SELECT * FROM kv WHERE ${range.sql} ORDER BY key LIMIT ?`).all(...range.params, limit);
   }
 
   private meta(name: "revision" | "compacted"): number {

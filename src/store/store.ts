@@ -6,6 +6,7 @@
  *
  * Keys are plain strings such as `networks/<id>`; values are strings (JSON by convention).
  */
+import { KnitError } from "../errors.ts";
 
 /** One stored key. Revisions are store-wide and strictly increasing. */
 export interface KeyValue {
@@ -70,6 +71,14 @@ export interface ListResult {
   readonly items: KeyValue[];
   /** Store revision the list was read at (start a watch at revision + 1). */
   readonly revision: number;
+  /** With a limit: true when keys beyond the first `limit` exist under the prefix. */
+  readonly more?: boolean;
+}
+
+/** Options of {@link Store.list}. */
+export interface ListOptions {
+  /** At most this many keys (the first ones, in key order); a positive integer. */
+  readonly limit?: number;
 }
 
 /** The store interface implemented by SqliteStore (embedded) and EtcdStore (cluster). */
@@ -78,7 +87,7 @@ export interface Store {
   readonly describe: string;
   get(key: string): Promise<KeyValue | undefined>;
   /** All keys starting with `prefix`, sorted by key. */
-  list(prefix: string): Promise<ListResult>;
+  list(prefix: string, opts?: ListOptions): Promise<ListResult>;
   /** Atomically: if every compare holds, apply `success`, else apply `failure`. */
   txn(compares: readonly Compare[], success: readonly Op[], failure?: readonly Op[]): Promise<TxnResult>;
   /** Unconditional put. */
@@ -107,6 +116,13 @@ export async function getJson<T>(store: Store, key: string): Promise<T | undefin
 export async function listJson<T>(store: Store, prefix: string): Promise<T[]> {
   const { items } = await store.list(prefix);
   return items.map((kv) => JSON.parse(kv.value) as T);
+}
+
+/** A list limit as given, checked: undefined (no limit) or a positive integer. */
+export function checkLimit(limit: number | undefined): number | undefined {
+  if (limit === undefined) return undefined;
+  if (!Number.isInteger(limit) || limit < 1) throw new KnitError("internal", `list limit must be a positive integer, not ${limit}`);
+  return limit;
 }
 
 /** A put op with a JSON value. */
