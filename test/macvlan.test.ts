@@ -217,6 +217,11 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     const e = ep(c1, "lan0");
     // IPAM skips the network address and the gateway (the LAN's router).
     expect(e.IPAddress).toBe("192.168.100.2");
+    // The gateway stays outside the host: on no host interface, and no container gets it, not even by --ip.
+    const hostAddrs = (await ipj<{ addr_info: IpAddrInfo[] }>(h1, ["addr", "show"])).flatMap((l) => l.addr_info.map((a) => a.local));
+    expect(hostAddrs).toContain("192.168.100.11");
+    expect(hostAddrs).not.toContain("192.168.100.1");
+    expect(await knitFails(h1, ["run", "-d", "--name", "gw", "--network", "lan0", "--ip", "192.168.100.1", "--", "sleep", "1000"])).toContain("192.168.100.1: Address already in use");
     const dev = await link(c1.ns, "eth0");
     expect(dev?.linkinfo?.info_kind).toBe("macvlan");
     expect(dev?.linkinfo?.info_data?.mode).toBe("bridge");
@@ -243,7 +248,7 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     expect(await lab.ping(m, "192.168.100.2")).toBe(false);
   });
 
-  test("two hosts, dual stack: across hosts, to the router, the internet, from the LAN; connect, disconnect, --ip", async () => {
+  test("two hosts, dual stack: across hosts, to the router, the internet, from the LAN; connect, disconnect, --ip, --ip6", async () => {
     const common = ["-d", "macvlan", "--ipv6", "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--subnet", "2001:db8:100::/64", "--gateway", "2001:db8:100::1", "-o", "parent=eth1"];
     await createNet(h1, [...common, "--ip-range", "192.168.100.64/28", "--ip-range", "2001:db8:100::1:0/112", "lan"]);
     await createNet(h2, [...common, "--ip-range", "192.168.100.128/28", "--ip-range", "2001:db8:100::2:0/112", "lan"]);
@@ -283,15 +288,18 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     await h1.knitOk(["rm", "-f", x.name]);
     await m.exec(["ip", "neigh", "replace", "192.168.100.90", "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "stale"]);
     const d = await runSb(h2, "d", "none");
-    await h2.knitOk(["network", "connect", "--ip", "192.168.100.90", "lan", "d"]);
+    await h2.knitOk(["network", "connect", "--ip", "192.168.100.90", "--ip6", "2001:db8:100::90", "lan", "d"]);
     const dIf = (await runSbView(h2, "d")).NetworkSettings.Networks["lan"]?.InterfaceName ?? "?";
     const dEth = await link(d.ns, dIf);
     expect(dEth?.linkinfo?.info_kind).toBe("macvlan");
     expect(dEth?.address).toBe("02:42:c0:a8:64:5a");
+    expect(await addrs(d.ns, dIf, "inet6")).toEqual(["2001:db8:100::90/64"]);
     expect(await lab.ping(m, "192.168.100.90", { count: 1, waitSec: 2 })).toBe(true);
+    expect(await reach(m, "2001:db8:100::90")).toBe(true);
     await h2.knitOk(["network", "disconnect", "lan", "d"]);
     expect(await link(d.ns, dIf)).toBeUndefined();
     expect(await lab.ping(m, "192.168.100.90")).toBe(false);
+    expect(await lab.ping(m, "2001:db8:100::90")).toBe(false);
 
     await h1.knitOk(["rm", "-f", "a", "a2"]);
     await h2.knitOk(["rm", "-f", "b", "d"]);
@@ -327,6 +335,20 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     }
     await h1.knitOk(["rm", "-f", "v1", "v2"]);
     await h1.knitOk(["network", "rm", "vepa"]);
+  });
+
+  test("--internal: on the LAN and reached from it, but no default route, so nothing beyond the LAN", async () => {
+    await createNet(h2, ["-d", "macvlan", "--internal", "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.160/28", "-o", "parent=eth1", "int"]);
+    const c = await runSb(h2, "c", "int");
+    const cip = ep(c, "int").IPAddress;
+    expect(cip).toBe("192.168.100.160");
+    expect(await addrs(c.ns, "eth0", "inet")).toEqual(["192.168.100.160/24"]);
+    expect(await routes(c.ns, ["default"])).toEqual([]);
+    expect(await lab.waitPing(m, cip)).toBe(true);
+    expect(await lab.waitPing(c.ns, "192.168.100.50")).toBe(true);
+    expect(await lab.ping(c.ns, INTERNET.server4)).toBe(false);
+    await h2.knitOk(["rm", "-f", "c"]);
+    await h2.knitOk(["network", "rm", "int"]);
   });
 
   test("passthru: one endpoint that takes over the parent; a second one is refused and leaves nothing", async () => {
@@ -380,6 +402,13 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     await h2.knitOk(["rm", "-f", "i1", "i2"]);
     await h2.knitOk(["network", "rm", "iso"]);
     expect(await link(h2, bridge)).toBeUndefined();
+
+    // An empty parent (`-o parent=`), as with Docker, is no parent.
+    const id2 = await createNet(h2, ["-d", "macvlan", "--subnet", "10.22.0.0/24", "-o", "parent=", "iso2"]);
+    expect((await link(h2, `dm-${id2.slice(0, 12)}`))?.linkinfo?.info_kind).toBe("bridge");
+    expect((await link(h2, "eth1"))?.flags).not.toContain("PROMISC");
+    await h2.knitOk(["network", "rm", "iso2"]);
+    expect(await link(h2, `dm-${id2.slice(0, 12)}`)).toBeUndefined();
   });
 
   test("host access: a shim on the parent and a route per endpoint let host and containers talk", async () => {
@@ -472,7 +501,30 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     expect(names((await h1.knitOk(["network", "ls", "-q", "--filter", "type=custom"])).stdout)).toEqual([]);
     // VIDs are checked before anything is tried, and the base must exist.
     for (const bad of ["eth1.0", "eth1.4095", "eth1.010"]) expect(await knitFails(h1, ["network", "create", "-d", "macvlan", "-o", `parent=${bad}`, "v"])).toContain("invalid VLAN ID");
+    // The bounds themselves are valid VIDs: they get as far as the kernel.
+    for (const edge of ["eth1.1", "eth1.4094"]) {
+      expect(await knitFails(h1, ["network", "create", "-d", "macvlan", "--subnet", "10.30.0.0/24", "-o", `parent=${edge}`, "v"])).toContain(`cannot create ${edge}: this kernel has no 802.1q VLAN support`);
+      expect(await link(h1, edge)).toBeUndefined();
+    }
     expect(await knitFails(h1, ["network", "create", "-d", "macvlan", "-o", "parent=eth7.10", "v"])).toContain("nor does eth7");
+
+    // An IFACE.VID parent that exists is the user's, whatever made it (a veth here: this kernel
+    // makes no VLAN): knit uses it as it is, and rm restores its flags but never deletes it.
+    await h1.exec(["ip", "link", "add", "eth1.20", "type", "veth", "peer", "name", "e120p"]);
+    try {
+      await h1.exec(["ip", "link", "set", "eth1.20", "up"]);
+      await createNet(h1, ["-d", "macvlan", "--subnet", "10.30.0.0/24", "-o", "parent=eth1.20", "v20"]);
+      expect((await link(h1, "eth1.20"))?.flags).toContain("PROMISC");
+      const c = await runSb(h1, "c", "v20");
+      expect((await link(c.ns, "eth0"))?.linkinfo?.info_kind).toBe("macvlan");
+      await h1.knitOk(["rm", "-f", "c"]);
+      await h1.knitOk(["network", "rm", "v20"]);
+      const kept = await link(h1, "eth1.20");
+      expect(kept?.linkinfo?.info_kind).toBe("veth");
+      expect(kept?.flags).not.toContain("PROMISC");
+    } finally {
+      await h1.exec(["ip", "link", "del", "eth1.20"], { check: false });
+    }
   });
 
   test("validation: parent exists and is up, MTU, modes, options, overlaps; nothing is left by a refusal", async () => {
@@ -485,23 +537,39 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     expect(await create(["-o", "parent=eth1", "-o", "color=blue"])).toContain('unknown option "color"');
     expect(await create(["-o", "parent=eth1", "-o", "macvlan_mode=private", "-o", "knit.macvlan.host_access=true"])).toContain("needs macvlan_mode=bridge");
     expect(await create(["--subnet", "10.31.0.0/24", "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true"])).toContain("--aux-address host=IP");
+    expect(
+      await create([
+        "--subnet", "10.31.0.0/24", "--aux-address", "host=10.31.0.250", "--subnet", "10.32.0.0/24", "--aux-address", "host6=10.32.0.250",
+        "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true",
+      ]),
+    ).toContain("more than one IPv4 host address");
+    expect(await create(["--ipv6", "--subnet", "2001:db8:31::/64", "-o", "parent=eth1", "-o", "com.docker.network.driver.mtu=1200"])).toContain("IPv6 needs an MTU of at least 1280");
 
-    // A parent that is down, and one that is a bridge port.
+    // A parent that is down, one that is a bridge port, one that is no Ethernet device.
     await h1.exec(["ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1"]);
     await h1.exec(["ip", "link", "add", "xbr", "type", "bridge"]);
+    await h1.exec(["ip", "tuntap", "add", "dev", "xtun", "mode", "tun"]);
     try {
       expect(await create(["--subnet", "10.31.0.0/24", "-o", "parent=x0"])).toContain("parent interface x0 is down");
       await h1.exec(["ip", "link", "set", "x0", "master", "xbr", "up"]);
       expect(await create(["--subnet", "10.31.0.0/24", "-o", "parent=x0"])).toContain("is a port of xbr");
+      await h1.exec(["ip", "link", "set", "xtun", "up"]);
+      expect(await create(["--subnet", "10.31.0.0/24", "-o", "parent=xtun"])).toContain("parent interface xtun is not an Ethernet device (none)");
+      expect((await link(h1, "xtun"))?.flags).not.toContain("PROMISC");
     } finally {
       await h1.exec(["ip", "link", "del", "x0"]);
       await h1.exec(["ip", "link", "del", "xbr"]);
+      await h1.exec(["ip", "link", "del", "xtun"]);
     }
 
     // Subnets must not overlap other networks, of any driver; the host's own route on the
     // parent (h1 sits on the LAN) is the LAN itself and no conflict.
     await createNet(h1, ["-d", "macvlan", "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "-o", "parent=eth1", "lan0"]);
     expect(await create(["--subnet", "192.168.100.128/25", "-o", "parent=eth1"])).toContain('overlaps network "lan0"');
+    // One network per parent and subnet, whatever its mode; a passthru network wants the parent to itself.
+    expect(await create(["--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "-o", "parent=eth1"])).toContain('overlaps network "lan0"');
+    expect(await create(["--subnet", "192.168.100.0/24", "-o", "parent=eth1", "-o", "macvlan_mode=private"])).toContain('overlaps network "lan0"');
+    expect(await create(["--subnet", "10.31.0.0/24", "-o", "parent=eth1", "-o", "macvlan_mode=passthru"])).toContain("cannot use macvlan_mode=passthru on eth1: network lan0 already uses it");
     expect(await knitFails(h1, ["network", "create", "--subnet", "192.168.100.0/25", "br"])).toContain('overlaps network "lan0"');
     // The host's route through the LAN does count for a network elsewhere.
     await h1.knitOk(["network", "rm", "lan0"]);
