@@ -19,6 +19,7 @@
  * uses plugins already installed in DIR instead). The knit agent runs (as on a host with
  * DNS), so an ADD only checks that it is there.
  */
+import { readFileSync } from "node:fs";
 import { loadavg } from "node:os";
 import { join } from "node:path";
 import { Lab, REPO_ROOT, inLab, runInLab } from "../src/lab/lab.ts";
@@ -53,7 +54,9 @@ interface InnerSpec {
 
 interface InnerResult {
   seq: { knit: number[]; ref: number[] };
-  par: { knit: { add: number; del: number }[]; ref: { add: number; del: number }[] };
+  /** CPU (ms, summed over the sequential pairs) of all processes of each side. */
+  seqCpu: { knit: { user: number; sys: number; n: number }; ref: { user: number; sys: number; n: number } };
+  par: { knit: { add: number; del: number; cpu: number }[]; ref: { add: number; del: number; cpu: number }[] };
   traces: { add: Record<string, number>[]; del: Record<string, number>[]; addWall: number[]; delWall: number[] };
 }
 
@@ -89,12 +92,39 @@ async function timedPair(rt: CniRuntime, list: ConfList, att: RuntimeConf): Prom
   return performance.now() - t;
 }
 
-async function parallel(rt: CniRuntime, list: ConfList, atts: readonly RuntimeConf[]): Promise<{ add: number; del: number }> {
+/**
+ * CPU time (user + system, ms) of this process's waited-for children and their own children
+ * so far: the plugins, and what they ran (host-local, iptables). 10 ms ticks, so only sums
+ * over many calls mean anything.
+ */
+function childCpuMs(): number {
+  const { user, sys } = childCpu();
+  return user + sys;
+}
+function childCpu(): { user: number; sys: number } {
+  const f = readFileSync("/proc/self/stat", "utf8").split(") ")[1]?.split(" ") ?? [];
+  return { user: (Number(f[13]) * 1000) / CLOCK_TICKS, sys: (Number(f[14]) * 1000) / CLOCK_TICKS };
+}
+
+/** A sequential ADD+DEL, and the CPU its processes used, added to `cpu`. */
+async function cpuPair(rt: CniRuntime, list: ConfList, att: RuntimeConf, cpu: { user: number; sys: number; n: number }): Promise<number> {
+  const c0 = childCpu();
+  const ms = await timedPair(rt, list, att);
+  const c1 = childCpu();
+  cpu.user += c1.user - c0.user;
+  cpu.sys += c1.sys - c0.sys;
+  cpu.n++;
+  return ms;
+}
+const CLOCK_TICKS = 100;
+
+async function parallel(rt: CniRuntime, list: ConfList, atts: readonly RuntimeConf[]): Promise<{ add: number; del: number; cpu: number }> {
+  const cpu0 = childCpuMs();
   const t0 = performance.now();
   await Promise.all(atts.map((a) => rt.add(list, a)));
   const t1 = performance.now();
   await Promise.all(atts.map((a) => rt.del(list, a)));
-  return { add: t1 - t0, del: performance.now() - t1 };
+  return { add: t1 - t0, del: performance.now() - t1, cpu: childCpuMs() - cpu0 };
 }
 
 /** `--inner SPEC_JSON`: the measurements, inside the knit host's namespace. */
@@ -108,14 +138,14 @@ async function inner(spec: InnerSpec): Promise<InnerResult> {
   // Warm up: knit creates its network on the first ADD, the reference its bridge.
   await timedPair(rtKnit, knit, att(0));
   await timedPair(rtRef, ref, att(0));
-  const out: InnerResult = { seq: { knit: [], ref: [] }, par: { knit: [], ref: [] }, traces: { add: [], del: [], addWall: [], delWall: [] } };
+  const out: InnerResult = { seqCpu: { knit: { user: 0, sys: 0, n: 0 }, ref: { user: 0, sys: 0, n: 0 } }, seq: { knit: [], ref: [] }, par: { knit: [], ref: [] }, traces: { add: [], del: [], addWall: [], delWall: [] } };
   for (let r = 0; r < spec.rounds; r++) {
     if (r % 2 === 0) {
-      out.seq.knit.push(await timedPair(rtKnit, knit, att(0)));
-      out.seq.ref.push(await timedPair(rtRef, ref, att(0)));
+      out.seq.knit.push(await cpuPair(rtKnit, knit, att(0), out.seqCpu.knit));
+      out.seq.ref.push(await cpuPair(rtRef, ref, att(0), out.seqCpu.ref));
     } else {
-      out.seq.ref.push(await timedPair(rtRef, ref, att(0)));
-      out.seq.knit.push(await timedPair(rtKnit, knit, att(0)));
+      out.seq.ref.push(await cpuPair(rtRef, ref, att(0), out.seqCpu.ref));
+      out.seq.knit.push(await cpuPair(rtKnit, knit, att(0), out.seqCpu.knit));
     }
   }
   const many = Array.from({ length: spec.parallel }, (_, i) => att(i));
@@ -183,6 +213,8 @@ function report(res: InnerResult, spec: InnerSpec): void {
   lines.push(`   knit (knit + knit-ipam, ipMasq)              ${fmt(k)}`);
   lines.push(`   reference (bridge + host-local, ipMasq)      ${fmt(f)}`);
   lines.push(`   ratio knit/reference                         ${fmt(k / f, 2)}x   (target <= 0.7x)`);
+  const per = (c: { user: number; sys: number; n: number }): string => `${fmt((c.user + c.sys) / c.n)} (user ${fmt(c.user / c.n)}, system ${fmt(c.sys / c.n)})`;
+  lines.push(`   CPU per ADD+DEL, all processes: knit ${per(res.seqCpu.knit)}, reference ${per(res.seqCpu.ref)}`);
   const pk = res.par.knit.map((p) => p.add + p.del);
   const pf = res.par.ref.map((p) => p.add + p.del);
   lines.push("");
@@ -190,6 +222,9 @@ function report(res: InnerResult, spec: InnerSpec): void {
   lines.push(`   knit       ADDs ${fmt(median(res.par.knit.map((p) => p.add)))}  DELs ${fmt(median(res.par.knit.map((p) => p.del)))}  total ${fmt(median(pk))}`);
   lines.push(`   reference  ADDs ${fmt(median(res.par.ref.map((p) => p.add)))}  DELs ${fmt(median(res.par.ref.map((p) => p.del)))}  total ${fmt(median(pf))}`);
   lines.push(`   ratio knit/reference                         ${fmt(median(pk) / median(pf), 2)}x   (target <= 0.5x)`);
+  const cpuK = median(res.par.knit.map((p) => p.cpu / spec.parallel));
+  const cpuF = median(res.par.ref.map((p) => p.cpu / spec.parallel));
+  lines.push(`   CPU per ADD+DEL (all processes)  knit ${fmt(cpuK)}  reference ${fmt(cpuF)}  ratio ${fmt(cpuK / cpuF, 2)}x`);
   const add = medianTrace(res.traces.add);
   const del = medianTrace(res.traces.del);
   const addWall = median(res.traces.addWall);
