@@ -20,23 +20,11 @@ import { Resolver } from "../src/dns/resolver.ts";
 import { Forwarder } from "../src/dns/forwarder.ts";
 import type { Endpoint, Network, Sandbox } from "../src/model.ts";
 import { assertHostClean } from "./leaks.ts";
+import { rng } from "./prng.ts";
 
 setDefaultTimeout(120_000);
 
 // ---- the corpus ----------------------------------------------------------------------------
-
-/** A small deterministic PRNG (xorshift32), so a failure can be replayed. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 0x100000000;
-  };
-}
 
 const bytes = (...xs: number[]): Uint8Array => Uint8Array.from(xs);
 const header = (id: number, flags: number, qd: number, an = 0, ns = 0, ar = 0): number[] => [id >> 8, id & 255, flags >> 8, flags & 255, 0, qd, an >> 8, an & 255, 0, ns, ar >> 8, ar & 255];

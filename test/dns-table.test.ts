@@ -11,19 +11,7 @@ import { describe, expect, test } from "bun:test";
 import { NameTable, reverseName } from "../src/dns/table.ts";
 import { hostName } from "../src/engine/owner.ts";
 import { GW_BRIDGE_NETWORK, type Endpoint, type HostRecord, type Network, type Sandbox } from "../src/model.ts";
-
-/** xorshift32: a failure can be replayed from its seed. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 0x100000000;
-  };
-}
+import { rng } from "./prng.ts";
 
 const hex = (n: number): string => n.toString(16).padStart(12, "0").padEnd(64, "0");
 const me = hostName();
