@@ -14,7 +14,9 @@
  *      trace (KNIT_TRACE=1, see src/cli/main.ts).
  *   d. scale: SCALE (default 1000) `knit run -d` sandboxes on one /16 bridge network. Time per
  *      run around the 1st, SCALE/10th and SCALE-th, and the time of a pure attach (connect +
- *      disconnect of a probe `ip netns` namespace) at those points: both must stay flat.
+ *      disconnect of a probe `ip netns` namespace) at those points: both must stay flat. The
+ *      attaches alternate with attaches on a control host (a second knit host whose network
+ *      holds one sandbox), so that growth with SCALE can be told from the machine's load.
  *      Peak RSS of every knit process (/usr/bin/time -f %M), the agent's VmHWM, and the
  *      machine's kernel memory growth; then everything is removed, timed.
  *
@@ -52,7 +54,8 @@ const QUICK = argFlag("quick");
 const ROUNDS = argNumber("rounds", QUICK ? 8 : 30);
 const SCALE = argNumber("scale", QUICK ? 100 : 1000);
 const TRACE_RUNS = QUICK ? 5 : 15;
-const PROBES = 5;
+/** Attaches per point on the big host and on the control host, alternately. */
+const CONTROL_PROBES = 9;
 
 const log = (msg: string): void => {
   process.stderr.write(`[engine bench ${new Date().toISOString().slice(11, 19)} load ${loadAverage()[0]}] ${msg}\n`);
@@ -264,6 +267,13 @@ interface ScaleResult {
   /** Median connect + disconnect of a probe netns with N sandboxes on the network. */
   attachMs: Record<string, { connect: Summary; disconnect: Summary }>;
   flatness: { run: number; connect: number };
+  /**
+   * The control host's attach at each point (one sandbox on its network, measured alternately
+   * with the big host's), and big / control.
+   */
+  control: Record<string, { connect: Summary; disconnect: Summary; ratio: { connect: number; disconnect: number } }>;
+  /** (big / control at N) / (big / control at 1): growth with N that the machine's load cannot explain. */
+  controlFlatness: { connect: number; disconnect: number };
   knitPeakRssKb: { median: number; max: number };
   /** The DNS agent after the ramp: memory, and CPU used since it started (before the ramp). */
   agent: { vmHwmKb?: number; vmRssKb?: number; cpuSeconds?: number };
@@ -288,6 +298,14 @@ async function scale(lab: Lab, host: LabHost, probe: LabNode): Promise<ScaleResu
   const n = SCALE;
   const mid = Math.max(2, Math.round(n / 10));
   await knit(host, ["network", "create", "--subnet", "10.100.0.0/16", "big"]);
+  // A control: another knit host whose network keeps one sandbox. Its attaches alternate with
+  // the big host's at each point, so the two see the same machine at the same moment; the
+  // ratio big/control at N against the one at 1 is growth that machine load cannot explain.
+  const ctl = await lab.host("ctl");
+  const ctlProbe = await lab.ns("ctlprobe");
+  await knit(ctl, ["network", "create", "--subnet", "10.100.0.0/16", "big"]);
+  await knit(ctl, ["run", "-d", "--name", "c1", "--network", "big", "--", "sleep", "36000"]);
+  const control: ScaleResult["control"] = {};
   const points = [1, mid, n];
   const runMs: number[] = [];
   const rss: number[] = [];
@@ -299,16 +317,36 @@ async function scale(lab: Lab, host: LabHost, probe: LabNode): Promise<ScaleResu
   const probeAttach = async (at: number): Promise<void> => {
     const c: number[] = [];
     const d: number[] = [];
-    for (let i = 0; i < PROBES; i++) {
+    const cc: number[] = [];
+    const cd: number[] = [];
+    const big = async (): Promise<void> => {
       c.push(await knitMs(host, ["network", "connect", "big", probe.name]));
       d.push(await knitMs(host, ["network", "disconnect", "big", probe.name]));
+    };
+    const small = async (): Promise<void> => {
+      cc.push(await knitMs(ctl, ["network", "connect", "big", ctlProbe.name]));
+      cd.push(await knitMs(ctl, ["network", "disconnect", "big", ctlProbe.name]));
+    };
+    for (let i = 0; i < CONTROL_PROBES; i++) {
+      if (i % 2 === 0) {
+        await big();
+        await small();
+      } else {
+        await small();
+        await big();
+      }
     }
     attach[String(at)] = { connect: brief(c), disconnect: brief(d) };
+    control[String(at)] = {
+      connect: brief(cc),
+      disconnect: brief(cd),
+      ratio: { connect: ratio(median(c), median(cc)), disconnect: ratio(median(d), median(cd)) },
+    };
     // One traced pair: which phase grows with the number of sandboxes.
     const tc = tracePhases(parseTrace((await knit(host, ["network", "connect", "big", probe.name], { KNIT_TRACE: "1" })).stderr));
     const td = tracePhases(parseTrace((await knit(host, ["network", "disconnect", "big", probe.name], { KNIT_TRACE: "1" })).stderr));
     traces[String(at)] = { connect: tc, disconnect: td };
-    log(`scale: attach with ${at} sandboxes: connect ${round(median(c))} ms, disconnect ${round(median(d))} ms; after-command phase ${tc.afterMs} / ${td.afterMs} ms`);
+    log(`scale: attach with ${at} sandboxes: connect ${round(median(c))} ms, disconnect ${round(median(d))} ms (control host at the same time: ${round(median(cc))} / ${round(median(cd))}); after-command phase ${tc.afterMs} / ${td.afterMs} ms`);
   };
   const memBefore = kernelMemKb();
   for (let i = 1; i <= n; i++) {
@@ -363,15 +401,20 @@ async function scale(lab: Lab, host: LabHost, probe: LabNode): Promise<ScaleResu
   const teardownErrors = batch.value.stderr.split("\n").filter((l) => l.startsWith("Error"));
   if (teardownErrors.length) log(`scale: knit rm reported ${teardownErrors.length} errors: ${teardownErrors.slice(0, 3).join("; ")}`);
   const networkRmMs = await knitMs(host, ["network", "rm", "big"]);
+  await knit(ctl, ["rm", "-f", "c1"]);
+  await knit(ctl, ["network", "rm", "big"]);
   log(`scale: removed ${mid} one by one (median ${round(median(oneByOne))} ms), ${rest.length} in one knit rm (${round(batchMs)} ms), network rm ${round(networkRmMs)} ms`);
 
   const flat = (f: (p: string) => number): number => ratio(f(String(n)), f("1"));
+  const ctlFlat = (k: "connect" | "disconnect"): number => ratio(control[String(n)]?.ratio[k] ?? NaN, control["1"]?.ratio[k] ?? NaN);
   return {
     sandboxes: n,
     how: "knit run -d --network big -- sleep (a real sandbox each: netns, veth, IPAM, files, process); attach = knit network connect/disconnect of a probe `ip netns` namespace",
     runMs: runSummary,
     attachMs: attach,
     flatness: { run: flat((p) => runSummary[p]?.median ?? NaN), connect: flat((p) => attach[p]?.connect.median ?? NaN) },
+    control,
+    controlFlatness: { connect: ctlFlat("connect"), disconnect: ctlFlat("disconnect") },
     knitPeakRssKb: { median: median(rss), max: Math.max(...rss) },
     agent,
     kernelMemDeltaKb: delta,
@@ -518,6 +561,9 @@ async function main(): Promise<void> {
     process.stdout.write(
       [
         `  flatness (at ${sc.sandboxes} / at 1): run ${sc.flatness.run}, connect ${sc.flatness.connect}`,
+        `  against a control host with one sandbox, attaching alternately at the same moments: ${Object.entries(sc.control)
+          .map(([p, c]) => `at ${p}: connect ${c.connect.median} (x${c.ratio.connect}), disconnect ${c.disconnect.median} (x${c.ratio.disconnect})`)
+          .join("; ")}; growth of big/control from 1 to ${sc.sandboxes}: connect ${sc.controlFlatness.connect}, disconnect ${sc.controlFlatness.disconnect}`,
         `  traced phases, command / after-command ms (store calls): ${Object.entries(sc.attachTrace)
           .map(([p, t]) => {
             const r = sc.runTrace[p];
