@@ -451,6 +451,86 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     expect(await link(h1, shim)).toBeUndefined();
   });
 
+  test("host access after someone deleted the shim: gc makes it again with every container's route, so does the next connect; host and containers talk again", async () => {
+    const id = await createNet(h1, [
+      "-d", "macvlan", "--ipv6",
+      "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.64/28", "--aux-address", "host=192.168.100.250",
+      "--subnet", "2001:db8:100::/64", "--gateway", "2001:db8:100::1", "--aux-address", "host6=2001:db8:100::250",
+      "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true", "ha",
+    ]);
+    const shim = `mvh-${id.slice(0, 11)}`;
+    const c1 = await runSb(h1, "c1", "ha");
+    const c2 = await runSb(h1, "c2", "ha");
+    /** The shim as the kernel shows it, and the host's routes to each container. */
+    const shimView = async (sbs: readonly Sb[]) => {
+      const l = await link(h1, shim);
+      const perContainer: string[][] = [];
+      for (const sb of sbs) {
+        const e = ep(sb, "ha");
+        for (const r of await routes(h1, [`${e.IPAddress}/32`])) perContainer.push([sb.name, r.dst, r.dev ?? "", r.prefsrc ?? ""]);
+        for (const r of await routes(h1, ["-6", `${e.GlobalIPv6Address}/128`])) perContainer.push([sb.name, r.dst, r.dev ?? "", r.prefsrc ?? ""]);
+      }
+      return { kind: l?.linkinfo?.info_kind, mode: l?.linkinfo?.info_data?.mode, parent: l?.link, alias: l?.ifalias, up: l?.flags.includes("UP"), addrs: l ? (await addrs(h1, shim)).sort() : [], routes: perContainer };
+    };
+    /** Host to container (ping both families, TCP) and container to host (ping), for each. */
+    const talk = async (sbs: readonly Sb[]) => {
+      for (const sb of sbs) {
+        const e = ep(sb, "ha");
+        // The host first: its ARP request from the shim tells the container the shim's (new) MAC.
+        for (const [from, to] of [[h1, e.IPAddress], [h1, e.GlobalIPv6Address], [sb.ns, "192.168.100.250"], [sb.ns, "2001:db8:100::250"]] as const) {
+          expect(`${sb.name}: ${from.path} -> ${to}: ${await lab.waitPing(from, to)}`).toBe(`${sb.name}: ${from.path} -> ${to}: true`);
+        }
+        const echo = await lab.tcpEchoServer(sb.ns, 7003);
+        expect(await lab.tcpSend(h1, e.IPAddress, 7003, `host to ${sb.name}\n`)).toBe(`host to ${sb.name}\n`);
+        await echo.stop();
+      }
+    };
+    const healthy = await shimView([c1, c2]);
+    expect(healthy).toEqual({
+      kind: "macvlan", mode: "bridge", parent: "eth1", alias: `knit:${id}`, up: true, addrs: ["192.168.100.250/32", "2001:db8:100::250/128"],
+      routes: [c1, c2].flatMap((sb) => [
+        [sb.name, ep(sb, "ha").IPAddress, shim, "192.168.100.250"],
+        [sb.name, ep(sb, "ha").GlobalIPv6Address, shim, "2001:db8:100::250"],
+      ]),
+    });
+    await talk([c1, c2]);
+
+    // Someone deletes the shim: its routes go with it, and the host loses its containers.
+    await h1.exec(["ip", "link", "del", "dev", shim]);
+    expect(await shimView([c1, c2])).toMatchObject({ kind: undefined, addrs: [], routes: [] });
+    expect(await lab.ping(h1, ep(c1, "ha").IPAddress)).toBe(false);
+    // knit gc makes it again, with a route for every container already attached.
+    await h1.knitOk(["gc"]);
+    expect(await shimView([c1, c2])).toEqual(healthy);
+    await talk([c1, c2]);
+    // gc again changes nothing.
+    await h1.knitOk(["gc"]);
+    expect(await shimView([c1, c2])).toEqual(healthy);
+
+    // Deleted again, then the next command touching the network, a container joining it:
+    // the shim is back, with the routes of the containers that were there and of the new one.
+    await h1.exec(["ip", "link", "del", "dev", shim]);
+    const c3 = await runSb(h1, "c3", "ha");
+    const all = await shimView([c1, c2, c3]);
+    expect(all).toEqual({
+      ...healthy,
+      routes: [
+        ...healthy.routes,
+        ["c3", ep(c3, "ha").IPAddress, shim, "192.168.100.250"],
+        ["c3", ep(c3, "ha").GlobalIPv6Address, shim, "2001:db8:100::250"],
+      ],
+    });
+    await talk([c1, c2, c3]);
+
+    // Without a shim, leaving the network is fine, and makes nothing.
+    await h1.exec(["ip", "link", "del", "dev", shim]);
+    await h1.knitOk(["network", "disconnect", "ha", "c3"]);
+    expect(await link(h1, shim)).toBeUndefined();
+    await h1.knitOk(["rm", "-f", "c1", "c2", "c3"]);
+    await h1.knitOk(["network", "rm", "ha"]);
+    expect(await link(h1, shim)).toBeUndefined();
+  });
+
   test("a parent shared by two networks stays promiscuous until the last one goes; gc keeps live objects; --internal, aux, MTU", async () => {
     const oneId = await createNet(h1, [
       "-d", "macvlan", "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.96/28",

@@ -3,7 +3,8 @@
  * change is made through netlink in a lab namespace and read back with `ip -j`; every read
  * is compared field by field with what `ip -j` prints for the same kernel state. Errors must
  * say what failed and why, leave nothing behind, and leave the calling thread in its own
- * network namespace (checked after every test).
+ * network namespace (checked after every test). Network parameters of another namespace,
+ * written from inside it (src/kernel/sysctl.ts writeSysctlsIn), are read back with `cat`.
  *
  *   h (a lab host: bridge, veth host ends)  ──veth──  s (a sandbox-like namespace)
  */
@@ -11,7 +12,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, te
 import { readlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Lab, type LabHost, type LabNode, type NetnsRef } from "../src/lab/lab.ts";
-import { getLink, listAddrs, listLinks, listRoutes, rtnl, deleteLink, isErrno, NetlinkError } from "../src/kernel/netlink.ts";
+import { getLink, listAddrs, listLinks, listRoutes, rtnl, deleteLink, isErrno, NetlinkError, type MacvlanModeName } from "../src/kernel/netlink.ts";
+import { writeSysctlsIn } from "../src/kernel/sysctl.ts";
 import { execStats } from "../src/kernel/exec.ts";
 import { KnitError } from "../src/errors.ts";
 import { assertNoLeaks } from "./leaks.ts";
@@ -261,6 +263,146 @@ describe("addresses and routes", () => {
     // And the path works: the sandbox reaches its gateway over both families.
     expect(await s.waitPing("10.32.0.1")).toBe(true);
     expect(await s.waitPing("fd00:32::1")).toBe(true);
+  });
+});
+
+describe("macvlan devices, routes with a source, parameters of another namespace", () => {
+  test("macvlan: made on a parent straight into another namespace under its final name, in each mode; as ip -d shows it (kind, mode, parent)", async () => {
+    for (const p of ["par0", "par1"]) {
+      await h.exec(["ip", "link", "add", p, "type", "ifb"]);
+      await h.exec(["ip", "link", "set", p, "up"]);
+    }
+    const par0 = await ipLink(h, "par0");
+    const par1 = await ipLink(h, "par1");
+    const spawns = execStats.spawns;
+    const modes: MacvlanModeName[] = ["bridge", "private", "vepa", "passthru"];
+    rtnl(h.netns, (r) => {
+      for (const [i, mode] of modes.entries()) {
+        // passthru: the only device on its parent, with the parent's MAC.
+        const on = mode === "passthru" ? { parent: "par1" } : { parent: "par0", address: `02:42:0a:21:00:0${i + 2}` };
+        r.createLink(`eth${i}`, { kind: "macvlan", mode, netns: s.netns, ...on }, mode === "passthru" ? {} : { mtu: 1400 });
+      }
+      // In the namespace of the request itself, as the host-access shim is: `link` names the parent.
+      r.createLink("mvnl", { kind: "macvlan", parent: "par0", mode: "bridge" });
+    });
+    expect(execStats.spawns).toBe(spawns);
+    expect(await linkNames(h)).toEqual(["lo", "mvnl", "par0", "par1"]);
+    expect(await linkNames(s)).toEqual(["eth0", "eth1", "eth2", "eth3", "lo"]);
+    for (const [i, mode] of modes.entries()) {
+      const ip = await ipLink(s, `eth${i}`);
+      expect(ip.linkinfo).toMatchObject({ info_kind: "macvlan", info_data: { mode } });
+      // The parent stays in the host's namespace: ip names it by index there.
+      expect(ip.link_index).toBe(mode === "passthru" ? par1.ifindex : par0.ifindex);
+      expect(ip.link_netnsid).toBeNumber();
+      expect(ip.mtu).toBe(mode === "passthru" ? 1500 : 1400);
+      expect(ip.address).toBe(mode === "passthru" ? par1.address : `02:42:0a:21:00:0${i + 2}`);
+      sameFields(getLink(`eth${i}`, s.netns) ?? {}, ip);
+    }
+    const shim = await ipLink(h, "mvnl");
+    expect(shim).toMatchObject({ link: "par0", linkinfo: { info_kind: "macvlan", info_data: { mode: "bridge" } } });
+    sameFields(getLink("mvnl", h.netns) ?? {}, shim);
+    // Two bridge-mode devices on one parent talk inside the host, across the namespaces.
+    rtnl(h.netns, (r) => {
+      r.addAddress("mvnl", "10.33.0.1/24");
+      r.setLink("mvnl", { up: true });
+    });
+    rtnl(s.netns, (r) => {
+      r.addAddress("eth0", "10.33.0.2/24");
+      r.setLink("eth0", { up: true });
+    });
+    expect(await s.waitPing("10.33.0.1")).toBe(true);
+  });
+
+  test("macvlan refusals: a missing parent, a name the target has, a second device on a passthru parent, an MTU above the parent's, a bad mode; nothing is left", async () => {
+    await h.exec(["ip", "link", "add", "par0", "type", "ifb"]);
+    await s.exec(["ip", "link", "add", "eth0", "type", "ifb"]);
+    const make = (name: string, mode: MacvlanModeName, mtu?: number) => () =>
+      rtnl(h.netns, (r) => r.createLink(name, { kind: "macvlan", parent: "par0", mode, netns: s.netns }, mtu === undefined ? {} : { mtu }));
+    const noParent = failure(() => rtnl(h.netns, (r) => r.createLink("eth1", { kind: "macvlan", parent: "nosuch0", mode: "bridge", netns: s.netns })));
+    expect(noParent.message).toBe(`no interface nosuch0 in ${h.path}: No such device (ENODEV)`);
+    const dup = failure(make("eth0", "bridge"));
+    expect(dup.message).toStartWith(`cannot create macvlan eth0 in ${s.path} on par0 in ${h.path}: File exists (EEXIST)`);
+    const mtu = failure(make("eth1", "bridge", 9000));
+    expect(mtu.message).toStartWith(`cannot create macvlan eth1 in ${s.path} on par0 in ${h.path}: Invalid argument (EINVAL)`);
+    expect(isErrno(mtu, "EINVAL")).toBe(true);
+    make("eth1", "passthru")();
+    const second = failure(make("eth2", "bridge"));
+    expect(isErrno(second, "EINVAL")).toBe(true);
+    const mode = failure(make("eth2", "fast" as MacvlanModeName));
+    expect([mode.code, mode.message]).toEqual(["invalid-argument", 'invalid macvlan mode "fast": expected one of private, vepa, bridge, passthru']);
+    expect(await linkNames(h)).toEqual(["lo", "par0"]);
+    expect(await linkNames(s)).toEqual(["eth0", "eth1", "lo"]);
+  });
+
+  test("routes with a source address, and their deletion by destination and device: true once, then false; another device's route stays", async () => {
+    rtnl(h.netns, (r) => {
+      for (const dev of ["dnl", "dnl2"]) {
+        r.createLink(dev, { kind: "ifb" });
+        r.setLink(dev, { up: true });
+      }
+      r.addAddress("dnl", "10.34.0.250/32");
+      r.addAddress("dnl", "fd00:34::250/128", { nodad: true });
+      r.addRoute({ dst: "10.34.0.7/32", dev: "dnl", src: "10.34.0.250", replace: true });
+      r.addRoute({ dst: "fd00:34::7/128", dev: "dnl", src: "fd00:34::250", replace: true });
+      r.addRoute({ dst: "10.34.0.8/32", dev: "dnl2" });
+    });
+    const shown = async (args: readonly string[]) => (await ipj(h, ["route", "show", ...args])).map((r) => [r.dst, r.dev, r.prefsrc, r.scope]);
+    expect(await shown(["10.34.0.7/32"])).toEqual([["10.34.0.7", "dnl", "10.34.0.250", "link"]]);
+    expect((await ipj(h, ["-6", "route", "show", "fd00:34::7/128"])).map((r) => [r.dst, r.dev, r.prefsrc])).toEqual([["fd00:34::7", "dnl", "fd00:34::250"]]);
+    expect(listRoutes(h.netns).filter((r) => r.dst === "10.34.0.7" || r.dst === "fd00:34::7")).toEqual([
+      { dst: "10.34.0.7", dev: "dnl", scope: "link", prefsrc: "10.34.0.250" },
+      { dst: "fd00:34::7", dev: "dnl", prefsrc: "fd00:34::250", metric: 1024 },
+    ]);
+    rtnl(h.netns, (r) => {
+      expect(r.deleteRoute({ dst: "10.34.0.7/32", dev: "dnl" })).toBe(true);
+      expect(r.deleteRoute({ dst: "10.34.0.7/32", dev: "dnl" })).toBe(false);
+      expect(r.deleteRoute({ dst: "fd00:34::7/128", dev: "dnl" })).toBe(true);
+      expect(r.deleteRoute({ dst: "fd00:34::7/128", dev: "dnl" })).toBe(false);
+      // Through another device: not that route.
+      expect(r.deleteRoute({ dst: "10.34.0.8/32", dev: "dnl" })).toBe(false);
+      // No such device: its routes went with it.
+      expect(r.deleteRoute({ dst: "10.34.0.8/32", dev: "nosuch0" })).toBe(false);
+    });
+    expect(await shown(["10.34.0.7/32"])).toEqual([]);
+    expect(await ipj(h, ["-6", "route", "show", "fd00:34::7/128"])).toEqual([]);
+    expect(await shown(["10.34.0.8/32"])).toEqual([["10.34.0.8", "dnl2", undefined, "link"]]);
+    const mixed = failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "10.34.0.9/32", dev: "dnl", src: "fd00:34::250" })));
+    expect([mixed.code, mixed.message]).toEqual(["invalid-argument", "route 10.34.0.9/32: source fd00:34::250 is not of the destination's family"]);
+  });
+
+  test("network parameters of another namespace: set from inside it, no process; the same interface elsewhere keeps its own; a missing key fails, the thread comes home", async () => {
+    rtnl(s.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
+    rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
+    const read = async (node: NetnsRef, key: string) => (await lab.exec(node, ["cat", `/proc/sys/${key}`])).stdout.trim();
+    expect(await read(s, "net/ipv4/conf/dnl/arp_notify")).toBe("0");
+    const spawns = execStats.spawns;
+    const requests = execStats.netlink;
+    // Slashed and dotted keys alike.
+    writeSysctlsIn(s.netns, [
+      ["net/ipv4/conf/dnl/arp_notify", "1"],
+      ["net/ipv6/conf/dnl/ndisc_notify", "1"],
+      ["net.ipv4.conf.dnl.arp_ignore", "2"],
+    ]);
+    expect(execStats.spawns).toBe(spawns);
+    // One entry in the trace, for the one visit.
+    expect(execStats.netlink - requests).toBe(1);
+    expect(await read(s, "net/ipv4/conf/dnl/arp_notify")).toBe("1");
+    expect(await read(s, "net/ipv6/conf/dnl/ndisc_notify")).toBe("1");
+    expect(await read(s, "net/ipv4/conf/dnl/arp_ignore")).toBe("2");
+    for (const key of ["net/ipv4/conf/dnl/arp_notify", "net/ipv6/conf/dnl/ndisc_notify", "net/ipv4/conf/dnl/arp_ignore"]) expect(`${key}=${await read(h, key)}`).toBe(`${key}=0`);
+
+    const missing = failure(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_accept", "1"], ["net/ipv4/conf/nosuch0/arp_notify", "1"]]));
+    expect([missing.code, missing.message]).toEqual(["kernel", `cannot set net/ipv4/conf/nosuch0/arp_notify=1 in ${s.path}: No such file or directory (ENOENT)`]);
+    expect(readlinkSync("/proc/thread-self/ns/net")).toBe(home);
+    // The keys before the failing one are set.
+    expect(await read(s, "net/ipv4/conf/dnl/arp_accept")).toBe("1");
+    const bad = failure(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_notify", "bogus"]]));
+    expect(bad.message).toBe(`cannot set net/ipv4/conf/dnl/arp_notify=bogus in ${s.path}: Invalid argument (EINVAL)`);
+    expect(failure(() => writeSysctlsIn({ path: "/run/netns/nl-no-such-ns" }, [["net/ipv4/conf/all/arp_notify", "1"]])).message).toBe(
+      "cannot open network namespace /run/netns/nl-no-such-ns: No such file or directory (ENOENT)",
+    );
+    // Only network parameters, and no way out of /proc/sys/net.
+    for (const key of ["kernel/hostname", "net/../kernel/hostname", "net/ipv4//ip_forward"]) expect(failure(() => writeSysctlsIn(s.netns, [[key, "x"]])).code).toBe("internal");
   });
 });
 

@@ -29,6 +29,12 @@ export interface AttachContext {
   readonly endpoint: Endpoint;
   /** The sandbox's network namespace. */
   readonly netns: Netns;
+  /**
+   * The network's other ready endpoints on this host, read from the store only when called:
+   * for a driver that finds a per-network object gone that they need too (macvlan's
+   * host-access shim, with a route per endpoint) and makes it again.
+   */
+  readonly peers?: () => Promise<readonly Endpoint[]>;
 }
 
 export interface NetworkDriver {
@@ -60,6 +66,12 @@ export interface NetworkDriver {
   precheck(network: Network, others: readonly Network[]): Promise<DriverState | void>;
   /** Create the network's kernel objects. Idempotent: existing, correct objects are kept. */
   ensureNetwork(network: Network, pools: readonly Pool[]): Promise<void>;
+  /**
+   * After ensureNetwork (`knit gc`): make again what the network's ready endpoints on this
+   * host have outside their sandboxes, when it depends on a network object that ensureNetwork
+   * may just have made again (macvlan's routes through the host-access shim). Idempotent.
+   */
+  ensureEndpoints?(network: Network, endpoints: readonly Endpoint[]): Promise<void>;
   /**
    * Remove the network's kernel objects; already gone is fine. `others` are the host's other
    * networks (any state but "deleting"): objects shared with them, such as a parent device

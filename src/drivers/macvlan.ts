@@ -24,14 +24,21 @@
  * macvlan device and its own parent, so a host cannot reach its macvlan containers. knit
  * gives the host a macvlan device of its own on the parent (the shim `mvh-<id11>`), holding
  * the address of the network's `--aux-address host=IP`, and one host route per endpoint
- * through it.
+ * through it. A shim someone deleted (its routes go with it) is made again, with the routes
+ * of every endpoint, by `knit gc` and by the next endpoint to join.
+ *
+ * Endpoints are wired and unwired by in-process netlink, no process spawned: the device is
+ * made on the parent straight into the sandbox under its final name (one request), its
+ * announcement sysctls are written from inside the sandbox's namespace, then its alias,
+ * addresses, state and routes are set on one socket there. The parent's VLAN sub-interface
+ * and the isolated network's bridge, made once per network, still go through `ip`.
  */
 import { KnitError, conflict, invalid, notFound, runAll } from "../errors.ts";
 import { batchToken, getLink, ip, ipBatch, netnsExists, type LinkInfo } from "../kernel/ip.ts";
-import { netnsName } from "../kernel/exec.ts";
-import { writeSysctl } from "../kernel/sysctl.ts";
+import { isErrno, rtnl, type LinkKind, type Rtnl } from "../kernel/netlink.ts";
+import { writeSysctlsIn } from "../kernel/sysctl.ts";
 import { formatIp, parseIp, parseIpWithPrefix } from "../net/ip.ts";
-import { sandboxIfaceLines } from "./sandbox-iface.ts";
+import { applySandboxIface, sandboxIfacePlan } from "./sandbox-iface.ts";
 import { knitAlias } from "./bridge.ts";
 import type { Endpoint, Network } from "../model.ts";
 import { checkIfname, checkOptionKeys, parseBoolOption, parseIntOption, type DriverState, type NetworkDriver, type PrepareContext } from "./driver.ts";
@@ -244,6 +251,15 @@ async function ensureParent(net: Network, st: MacvlanState): Promise<void> {
   ]);
 }
 
+/** A kernel refusal to create `name` for lack of `feature`, as a clear "unsupported" error naming it. */
+function explainCreateError(err: unknown, name: string, feature: string): unknown {
+  if (!kernelSays(err, UNSUPPORTED)) return err;
+  return new KnitError("unsupported", `cannot create ${name}: this kernel has no ${feature}`, {
+    cause: err,
+    hint: "use a kernel with that feature (or load its module), or give an existing interface as -o parent=",
+  });
+}
+
 /**
  * Create a link knit owns, then settle it; a missing kernel feature becomes a clear
  * "unsupported" error naming it, and a failed settle deletes the new link again.
@@ -252,13 +268,7 @@ async function createOwned(name: string, addLine: string, feature: string, settl
   try {
     await ipBatch([addLine]);
   } catch (err) {
-    if (kernelSays(err, UNSUPPORTED)) {
-      throw new KnitError("unsupported", `cannot create ${name}: this kernel has no ${feature}`, {
-        cause: err,
-        hint: "use a kernel with that feature (or load its module), or give an existing interface as -o parent=",
-      });
-    }
-    throw err;
+    throw explainCreateError(err, name, feature);
   }
   try {
     await ipBatch(settle);
@@ -268,19 +278,35 @@ async function createOwned(name: string, addLine: string, feature: string, settl
   }
 }
 
-/** The host-access shim: a bridge-mode macvlan on the parent holding the `host` aux addresses. */
-async function ensureShim(net: Network, st: MacvlanState): Promise<void> {
-  const dev = batchToken(st.shim);
-  const settle = [
-    `link set dev ${dev} alias ${batchToken(knitAlias(net.id))}`,
-    ...shimAddresses(net).map((a) => `addr replace ${a.cidr} dev ${dev}${a.family === 6 ? " nodad" : ""}`),
-    `link set dev ${dev} up`,
-  ];
-  const link = await getLink(st.shim);
-  if (link && link.linkinfo?.info_kind !== "macvlan") throw conflict(`interface "${st.shim}" exists but is not a macvlan device`);
-  if (link) return ipBatch(settle);
-  const mtu = st.mtu ? ` mtu ${st.mtu}` : "";
-  await createOwned(st.shim, `link add ${dev} link ${batchToken(st.parent)}${mtu} type macvlan mode bridge`, "macvlan support (kernel module macvlan, CONFIG_MACVLAN)", settle);
+const NO_MACVLAN = "macvlan support (kernel module macvlan, CONFIG_MACVLAN)";
+
+/**
+ * The host-access shim: a bridge-mode macvlan on the parent holding the `host` aux
+ * addresses, made (or, when it exists, settled) on a netlink session in the host's
+ * namespace. A shim made here and not settled is deleted again.
+ */
+function ensureShim(r: Rtnl, net: Network, st: MacvlanState): void {
+  let made = false;
+  try {
+    r.createLink(st.shim, { kind: "macvlan", parent: st.parent, mode: "bridge" }, st.mtu ? { mtu: st.mtu } : {});
+    made = true;
+  } catch (err) {
+    if (!isErrno(err, "EEXIST")) throw explainCreateError(err, st.shim, NO_MACVLAN);
+    if (r.getLink(st.shim)?.linkinfo?.info_kind !== "macvlan") throw conflict(`interface "${st.shim}" exists but is not a macvlan device`);
+  }
+  try {
+    r.setLink(st.shim, { alias: knitAlias(net.id) });
+    for (const a of shimAddresses(net)) r.addAddress(st.shim, a.cidr, { replace: true, nodad: a.family === 6 });
+    r.setLink(st.shim, { up: true });
+  } catch (err) {
+    if (made) r.deleteLink(st.shim);
+    throw err;
+  }
+}
+
+/** Add (or replace) host routes through the shim. */
+function addShimRoutes(r: Rtnl, st: MacvlanState, routes: readonly { dst: string; src: string }[]): void {
+  for (const route of routes) r.addRoute({ dst: route.dst, dev: st.shim, src: route.src, replace: true });
 }
 
 /** Delete a link if it exists and passes `mine`; already gone is fine. */
@@ -319,8 +345,9 @@ function shimRoutes(net: Network, st: MacvlanState, ep: Endpoint): { dst: string
 
 /** A kernel refusal to make an endpoint's device, explained. */
 function explainAttachError(err: unknown, net: Network, st: MacvlanState): unknown {
-  if (kernelSays(err, UNSUPPORTED)) return new KnitError("unsupported", "cannot create a macvlan device: this kernel has no macvlan support (kernel module macvlan, CONFIG_MACVLAN)", { cause: err });
-  if (kernelSays(err, /Cannot find device/)) return notFound(`parent interface ${st.parent} of network ${net.name} does not exist`, "recreate it, or remove the network");
+  if (kernelSays(err, UNSUPPORTED)) return new KnitError("unsupported", `cannot create a macvlan device: this kernel has no ${NO_MACVLAN}`, { cause: err });
+  // The only device the request names besides the new one is the parent.
+  if (isErrno(err, "ENODEV")) return notFound(`parent interface ${st.parent} of network ${net.name} does not exist`, "recreate it, or remove the network");
   if (kernelSays(err, /Invalid argument/)) {
     if (st.mode === "passthru") return conflict(`network ${net.name} is in passthru mode, which allows one endpoint, and ${st.parent} already has a macvlan device`);
     return new KnitError("kernel", `the kernel refused a macvlan device on ${st.parent} for network ${net.name}`, {
@@ -345,8 +372,19 @@ export const macvlanDriver: NetworkDriver = {
   async ensureNetwork(net) {
     const st = macvlanState(net);
     await ensureParent(net, st);
-    if (st.promiscSet) await ip(["link", "set", "dev", st.parent, "promisc", "on"]);
-    if (st.hostAccess) await ensureShim(net, st);
+    rtnl(undefined, (r) => {
+      if (st.promiscSet) r.setLink(st.parent, { promisc: true });
+      if (st.hostAccess) ensureShim(r, net, st);
+    });
+  },
+
+  async ensureEndpoints(net, endpoints) {
+    const st = macvlanState(net);
+    if (!st.shim) return;
+    // After ensureNetwork: routes of a shim someone deleted went with it.
+    rtnl(undefined, (r) => {
+      for (const e of endpoints) addShimRoutes(r, st, shimRoutes(net, st, e));
+    });
   },
 
   async deleteNetwork(net, others) {
@@ -357,43 +395,67 @@ export const macvlanDriver: NetworkDriver = {
     ]);
   },
 
-  async attach({ network, pools, endpoint, netns }) {
+  async attach({ network, pools, endpoint, netns, peers }) {
     const st = macvlanState(network);
-    const target = batchToken(netnsName(netns) ?? netns.path);
-    const mtu = st.mtu ? ` mtu ${st.mtu}` : "";
     // passthru: the device takes the parent's MAC; setting another would change the parent's.
-    const mac = st.mode === "passthru" ? "" : ` address ${endpoint.mac}`;
-    const dev = batchToken(endpoint.ifname);
-    // Made in the sandbox under its final name: "File exists" if the sandbox has that name.
-    const host = [`link add ${dev} link ${batchToken(st.parent)} netns ${target}${mtu}${mac} type macvlan mode ${st.mode}`];
-    for (const r of shimRoutes(network, st, endpoint)) host.push(`route replace ${r.dst} dev ${batchToken(st.shim)} src ${r.src}`);
-    try {
-      await ipBatch(host);
-    } catch (err) {
-      throw explainAttachError(err, network, st);
+    const spec: LinkKind = { kind: "macvlan", parent: st.parent, mode: st.mode, netns, ...(st.mode === "passthru" ? {} : { address: endpoint.mac }) };
+    const routes = shimRoutes(network, st, endpoint);
+    const shimGone = rtnl(undefined, (r) => {
+      try {
+        // Made on the parent straight into the sandbox under its final name, in one request:
+        // "File exists" (EEXIST) if the sandbox has that name.
+        r.createLink(endpoint.ifname, spec, st.mtu ? { mtu: st.mtu } : {});
+      } catch (err) {
+        throw explainAttachError(err, network, st);
+      }
+      if (routes.length === 0) return false;
+      try {
+        r.index(st.shim);
+      } catch (err) {
+        if (isErrno(err, "ENODEV")) return true;
+        throw err;
+      }
+      addShimRoutes(r, st, routes);
+      return false;
+    });
+    if (shimGone) {
+      // Someone deleted the shim, and its routes went with it: make it again, with the routes
+      // of every endpoint on it.
+      const others = peers ? await peers() : [];
+      rtnl(undefined, (r) => {
+        ensureShim(r, network, st);
+        for (const e of [endpoint, ...others.filter((o) => o.id !== endpoint.id)]) addShimRoutes(r, st, shimRoutes(network, st, e));
+      });
     }
     // Announce the address when the device comes up (gratuitous ARP, unsolicited NA): the
     // LAN's switches and neighbours learn at once where an address that moved now lives.
     // (Keys with '/' separators: a '.' in an interface name stays literal.)
-    await Promise.all([
-      writeSysctl(`net/ipv4/conf/${endpoint.ifname}/arp_notify`, "1", netns),
-      ...(endpoint.ipv6 ? [writeSysctl(`net/ipv6/conf/${endpoint.ifname}/ndisc_notify`, "1", netns)] : []),
+    writeSysctlsIn(netns, [
+      [`net/ipv4/conf/${endpoint.ifname}/arp_notify`, "1"],
+      ...(endpoint.ipv6 ? [[`net/ipv6/conf/${endpoint.ifname}/ndisc_notify`, "1"] as const] : []),
     ]);
     // An isolated network has no router: no default route towards a gateway nobody holds.
     const shaped = st.parentKind === "isolated" ? { ...network, internal: true } : network;
-    await ipBatch([`link set dev ${dev} alias ${batchToken(knitAlias(endpoint.id))}`, ...sandboxIfaceLines(shaped, pools, endpoint, false)], netns);
+    const plan = sandboxIfacePlan(shaped, pools, endpoint, false);
+    rtnl(netns, (r) => {
+      r.setLink(endpoint.ifname, { alias: knitAlias(endpoint.id) });
+      applySandboxIface(r, plan);
+    });
   },
 
   async detach(network, endpoint, netns) {
     const st = macvlanState(network);
+    const routes = shimRoutes(network, st, endpoint);
     await runAll(`remove endpoint ${endpoint.id.slice(0, 12)}`, [
       async () => {
-        for (const r of shimRoutes(network, st, endpoint)) await ip(["route", "del", r.dst, "dev", st.shim], undefined, true);
+        // Already gone (or the shim with them) is fine.
+        if (routes.length) rtnl(undefined, (r) => routes.forEach((route) => r.deleteRoute({ dst: route.dst, dev: st.shim })));
       },
       async () => {
         if (!netns || !netnsExists(netns)) return;
-        const link = await getLink(endpoint.ifname, netns);
-        if (link?.linkinfo?.info_kind === "macvlan") await ip(["link", "del", "dev", endpoint.ifname], netns);
+        rtnl(netns, (r) => {
+          if (r.getLink(endpoint.ifname)?.linkinfo?.info_kind === "macvlan") r.deleteLink(endpoint.ifname);
+        });
       },
     ]);
   },

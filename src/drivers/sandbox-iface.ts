@@ -3,11 +3,10 @@
  * driver has put a device named `endpoint.ifname` into the sandbox's namespace, this sets its
  * MAC, addresses (IPv6 without DAD, so it is usable at once) and default routes via the
  * network's gateways (none for --internal networks). One plan, applied through netlink on one
- * socket inside the namespace (configureSandboxIface), or written as `ip -batch` lines for a
- * driver that still batches its own lines with them (macvlan).
+ * socket inside the namespace (configureSandboxIface), or on a driver's own session there
+ * when it has more to do on that socket (applySandboxIface: macvlan sets the alias too).
  */
-import { batchToken } from "../kernel/ip.ts";
-import { rtnl } from "../kernel/netlink.ts";
+import { rtnl, type Rtnl } from "../kernel/netlink.ts";
 import type { Netns } from "../kernel/exec.ts";
 import { cidrContains, formatIp, parseIpWithPrefix } from "../net/ip.ts";
 import type { Endpoint, Network } from "../model.ts";
@@ -41,24 +40,16 @@ export function sandboxIfacePlan(network: Network, pools: readonly Pool[], endpo
   return plan;
 }
 
-/** The `ip -batch` lines that configure the endpoint's device inside its sandbox. */
-export function sandboxIfaceLines(network: Network, pools: readonly Pool[], endpoint: Endpoint, setMac = true): string[] {
-  const plan = sandboxIfacePlan(network, pools, endpoint, setMac);
-  const dev = batchToken(plan.dev);
-  const lines = plan.mac ? [`link set dev ${dev} address ${plan.mac}`] : [];
-  for (const a of plan.addresses) lines.push(`addr add ${a.cidr} dev ${dev}${a.nodad ? " nodad" : ""}`);
-  lines.push(`link set dev ${dev} up`);
-  for (const r of plan.routes) lines.push(`route replace default via ${r.gateway} dev ${dev} metric ${r.metric}`);
-  return lines;
+/** Apply a plan on a netlink session inside the sandbox's namespace: MAC, addresses, up, routes. */
+export function applySandboxIface(r: Rtnl, plan: SandboxIfacePlan): void {
+  if (plan.mac) r.setLink(plan.dev, { address: plan.mac });
+  for (const a of plan.addresses) r.addAddress(plan.dev, a.cidr, { nodad: a.nodad });
+  r.setLink(plan.dev, { up: true });
+  for (const route of plan.routes) r.addRoute({ dst: "default", gateway: route.gateway, dev: plan.dev, metric: route.metric, replace: true });
 }
 
 /** Configure the endpoint's device inside the sandbox: netlink requests on one socket there. */
 export async function configureSandboxIface(network: Network, pools: readonly Pool[], endpoint: Endpoint, netns: Netns, setMac = true): Promise<void> {
   const plan = sandboxIfacePlan(network, pools, endpoint, setMac);
-  rtnl(netns, (r) => {
-    if (plan.mac) r.setLink(plan.dev, { address: plan.mac });
-    for (const a of plan.addresses) r.addAddress(plan.dev, a.cidr, { nodad: a.nodad });
-    r.setLink(plan.dev, { up: true });
-    for (const route of plan.routes) r.addRoute({ dst: "default", gateway: route.gateway, dev: plan.dev, metric: route.metric, replace: true });
-  });
+  rtnl(netns, (r) => applySandboxIface(r, plan));
 }

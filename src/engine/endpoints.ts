@@ -247,7 +247,7 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
       delete bare.ipv4;
       delete bare.ipv6;
       wire = () => driver.attach({ network: { ...net, internal: true }, pools, endpoint: bare, netns: handoff });
-    } else if (netns) wire = () => driver.attach({ network: net, pools, endpoint, netns });
+    } else if (netns) wire = () => driver.attach({ network: net, pools, endpoint, netns, peers: () => readyEndpointsHere(engine, net.id) });
     if (wire && netns && clusterHost) await attachOverlay(engine, net, clusterHost, endpoint, wire);
     else if (wire) await wire();
     // An internal overlay's sandbox asks knit's DNS on its host's bridge (src/cluster/overlay-dns.ts).
@@ -366,6 +366,12 @@ export async function repairNetworkEndpoints(engine: Engine, netId: string, keep
 
 /** All endpoints of a network. */
 export const listEndpoints = (engine: Engine, netId: string): Promise<Endpoint[]> => listJson<Endpoint>(engine.store, keys.endpointsOf(netId));
+
+/** The ready endpoints of a network that live on this host. */
+export async function readyEndpointsHere(engine: Engine, netId: string): Promise<Endpoint[]> {
+  const me = hostName();
+  return (await listEndpoints(engine, netId)).filter((e) => e.state === "ready" && (e.host === undefined || e.host === me));
+}
 
 /** All memberships of a sandbox. */
 export const listMemberships = (engine: Engine, sbId: string): Promise<Membership[]> => listJson<Membership>(engine.store, keys.membersOf(sbId));

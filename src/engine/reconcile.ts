@@ -4,8 +4,9 @@
  * Store -> kernel: operations whose owner died are finished or undone (sandboxes, networks,
  * endpoints, via their pending markers); sandboxes whose namespace vanished (reboot, a
  * container that exited) lose their endpoints; every ready network's kernel objects are
- * re-ensured; host port claims that no sandbox lists are dropped; the firewall (published
- * ports included) is rebuilt.
+ * re-ensured, with what its endpoints keep outside their sandboxes (macvlan's shim routes);
+ * host port claims that no sandbox lists are dropped; the firewall (published ports
+ * included) is rebuilt.
  * Kernel -> store: links in this namespace carrying knit's alias (`knit:<id>`) that belong to
  * no network or endpoint in the store are deleted; knit sandboxes of this state directory
  * whose record is gone (the host was removed from the cluster with `knit host rm` while it
@@ -20,7 +21,7 @@ import { toPool } from "../ipam/ipam.ts";
 import { deleteNetns, ip, listLinks } from "../kernel/ip.ts";
 import { NETNS_DIR } from "../kernel/exec.ts";
 import type { Engine } from "./engine.ts";
-import { disconnectSandbox, dropExternalIfUnused, listMemberships, repairNetworkEndpoints } from "./endpoints.ts";
+import { disconnectSandbox, dropExternalIfUnused, listMemberships, readyEndpointsHere, repairNetworkEndpoints } from "./endpoints.ts";
 import { repairNetworks, syncFirewall } from "./networks.ts";
 import { repairSandboxes, teardownSandbox } from "./sandboxes.ts";
 import { dropOrphanClaims } from "../ports/claims.ts";
@@ -129,7 +130,11 @@ export async function reconcile(engine: Engine): Promise<ReconcileReport> {
   for (const net of await listNetworks(engine)) {
     endpoints += await repairNetworkEndpoints(engine, net.id);
     const dormant = net.predefined && net.driver === "bridge" && !net.driverState.kernelCreated;
-    if (net.state === "ready" && !dormant) await drivers[net.driver].ensureNetwork(net, net.subnets.map(toPool));
+    if (net.state !== "ready" || dormant) continue;
+    const driver = drivers[net.driver];
+    await driver.ensureNetwork(net, net.subnets.map(toPool));
+    // What endpoints hang off a network object just made again (macvlan's shim routes).
+    if (driver.ensureEndpoints) await driver.ensureEndpoints(net, await readyEndpointsHere(engine, net.id));
   }
   const orphanLinks = await deleteOrphanLinks(engine);
   await dropOrphanClaims(engine);

@@ -51,6 +51,7 @@ const RTM_GETLINK = 18;
 const RTM_NEWADDR = 20;
 const RTM_GETADDR = 22;
 const RTM_NEWROUTE = 24;
+const RTM_DELROUTE = 25;
 const RTM_GETROUTE = 26;
 
 const AF_UNSPEC = 0;
@@ -74,6 +75,7 @@ const IFLA_INFO_DATA = 2;
 const IFLA_INFO_SLAVE_KIND = 4;
 const IFLA_INFO_SLAVE_DATA = 5;
 const VETH_INFO_PEER = 1;
+const IFLA_MACVLAN_MODE = 1;
 const IFLA_INET6_ADDR_GEN_MODE = 8;
 const IN6_ADDR_GEN_MODE_NONE = 1;
 /** Dumps without the per-link statistics: a third of the bytes. */
@@ -99,6 +101,8 @@ const RT_TABLE_MAIN = 254;
 const RTPROT_BOOT = 3;
 const RT_SCOPE_UNIVERSE = 0;
 const RT_SCOPE_LINK = 253;
+/** In a deletion: a route of any scope. */
+const RT_SCOPE_NOWHERE = 255;
 const RTN_UNICAST = 1;
 
 const IFF_UP = 0x1;
@@ -136,6 +140,9 @@ const PROTOCOLS: Record<number, string> = {
   189: "rip", 192: "eigrp",
 };
 const MACVLAN_MODES: Record<number, string> = { 1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source" };
+/** The macvlan modes a device can be made in, as IFLA_MACVLAN_MODE values. */
+const MACVLAN_MODE_VALUES = { private: 1, vepa: 2, bridge: 4, passthru: 8 } as const;
+export type MacvlanModeName = keyof typeof MACVLAN_MODE_VALUES;
 
 // ---- encoding helpers -----------------------------------------------------------------
 
@@ -351,7 +358,13 @@ export type LinkKind =
   | { kind: "bridge" }
   | { kind: "ifb" }
   /** A veth pair; the peer is made directly in `netns` (when given) under its final name. */
-  | { kind: "veth"; peer: { name: string; mtu?: number; netns?: Netns } };
+  | { kind: "veth"; peer: { name: string; mtu?: number; netns?: Netns } }
+  /**
+   * A macvlan device on `parent` (a link of the namespace the request is made in), made
+   * directly in `netns` (when given) under its final name, with `address` as its MAC (the
+   * kernel picks one when not given; a passthru device takes the parent's).
+   */
+  | { kind: "macvlan"; parent: string; mode: MacvlanModeName; netns?: Netns; address?: string };
 
 /** Settings of an existing link; each one given is applied, the rest left alone. */
 export interface LinkChange {
@@ -382,6 +395,8 @@ export interface RouteSpec {
   dev: string;
   metric?: number;
   onlink?: boolean;
+  /** Preferred source address (`src IP`), of the destination's family. */
+  src?: string;
   /** Replace a route with the same destination and metric (`route replace`). */
   replace?: boolean;
 }
@@ -471,32 +486,58 @@ export class Rtnl {
     }
   }
 
-  /** Create a link (`ip link add NAME [mtu M] type KIND ...`); an existing name fails with EEXIST. */
+  /**
+   * Create a link (`ip link add NAME [link PARENT] [mtu M] [address MAC] [netns NS] type KIND
+   * ...`), in one request; an existing name (in the namespace it is made in) fails with
+   * EEXIST, a missing macvlan parent with ENODEV before anything is sent.
+   */
   createLink(name: string, spec: LinkKind, opts: { mtu?: number } = {}): void {
     checkIfname(name);
-    const build = (peerFd?: number): NlRequest => {
+    if (spec.kind === "veth") checkIfname(spec.peer.name);
+    let macvlan: { parent: number; mode: number; address?: Uint8Array } | undefined;
+    if (spec.kind === "macvlan") {
+      const mode = (MACVLAN_MODE_VALUES as Record<string, number | undefined>)[spec.mode];
+      if (mode === undefined) throw invalid(`invalid macvlan mode "${spec.mode}": expected one of ${Object.keys(MACVLAN_MODE_VALUES).join(", ")}`);
+      const address = spec.address === undefined ? undefined : parseMac(spec.address);
+      macvlan = { parent: this.index(spec.parent), mode, ...(address ? { address } : {}) };
+    }
+    const build = (fd?: number): NlRequest => {
       const req = new NlRequest(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).struct(16, ifinfo()).str(IFLA_IFNAME, name);
       if (opts.mtu !== undefined) req.u32(IFLA_MTU, opts.mtu);
+      if (macvlan) {
+        req.u32(IFLA_LINK, macvlan.parent);
+        if (macvlan.address) req.attr(IFLA_ADDRESS, macvlan.address);
+        // Made in the target namespace; the parent is looked up in this one (the link's).
+        if (fd !== undefined) req.u32(IFLA_NET_NS_FD, fd);
+      }
       req.nest(IFLA_LINKINFO, (li) => {
         li.text(IFLA_INFO_KIND, spec.kind);
+        if (macvlan) {
+          const mode = macvlan.mode;
+          li.nest(IFLA_INFO_DATA, (data) => data.u32(IFLA_MACVLAN_MODE, mode));
+        }
         if (spec.kind !== "veth") return;
         li.nest(IFLA_INFO_DATA, (data) =>
           data.nest(VETH_INFO_PEER, (peer) => {
             peer.struct(16, ifinfo()).str(IFLA_IFNAME, spec.peer.name);
             if (spec.peer.mtu !== undefined) peer.u32(IFLA_MTU, spec.peer.mtu);
-            if (peerFd !== undefined) peer.u32(IFLA_NET_NS_FD, peerFd);
+            if (fd !== undefined) peer.u32(IFLA_NET_NS_FD, fd);
           }),
         );
       });
       return req;
     };
-    if (spec.kind !== "veth") {
-      this.#sock.exchange(build(), `cannot create ${spec.kind} ${name}${this.#where}`);
-      return;
+    let what: string;
+    let netns: Netns | undefined;
+    if (spec.kind === "veth") {
+      netns = spec.peer.netns;
+      what = `cannot create veth pair ${name}${this.#where} / ${spec.peer.name}${netns ? ` in ${netns.path}` : ""}`;
+    } else if (spec.kind === "macvlan") {
+      netns = spec.netns;
+      what = netns ? `cannot create macvlan ${name} in ${netns.path} on ${spec.parent}${this.#where}` : `cannot create macvlan ${name}${this.#where} on ${spec.parent}`;
+    } else {
+      what = `cannot create ${spec.kind} ${name}${this.#where}`;
     }
-    checkIfname(spec.peer.name);
-    const what = `cannot create veth pair ${name}${this.#where} / ${spec.peer.name}${spec.peer.netns ? ` in ${spec.peer.netns.path}` : ""}`;
-    const netns = spec.peer.netns;
     if (!netns) this.#sock.exchange(build(), what);
     else withNetnsFd(netns, (fd) => this.#sock.exchange(build(fd), what));
   }
@@ -573,6 +614,8 @@ export class Rtnl {
     const fam = dst?.ip.family ?? gw?.family;
     if (fam === undefined) throw invalid(`route ${route.dst} dev ${route.dev}: a default route needs a gateway`);
     if (gw && gw.family !== fam) throw invalid(`route ${route.dst}: gateway ${route.gateway} is not of the destination's family`);
+    const src = route.src === undefined ? undefined : parseAddress(route.src, "source address");
+    if (src && src.family !== fam) throw invalid(`route ${route.dst}: source ${route.src} is not of the destination's family`);
     const index = this.index(route.dev);
     const flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | (route.replace ? NLM_F_REPLACE : NLM_F_EXCL);
     const req = new NlRequest(RTM_NEWROUTE, flags).struct(12, (v, at) => {
@@ -588,8 +631,39 @@ export class Rtnl {
     if (gw) req.attr(RTA_GATEWAY, ipBytes(gw));
     req.u32(RTA_OIF, index);
     if (route.metric !== undefined) req.u32(RTA_PRIORITY, route.metric);
-    const text = `${route.dst}${route.gateway ? ` via ${route.gateway}` : ""} dev ${route.dev}${route.metric !== undefined ? ` metric ${route.metric}` : ""}`;
+    if (src) req.attr(RTA_PREFSRC, ipBytes(src));
+    const text = `${route.dst}${route.gateway ? ` via ${route.gateway}` : ""} dev ${route.dev}${route.metric !== undefined ? ` metric ${route.metric}` : ""}${route.src ? ` src ${route.src}` : ""}`;
     this.#sock.exchange(req, `cannot ${route.replace ? "replace" : "add"} route ${text}${this.#where}`);
+  }
+
+  /**
+   * Delete the main table's route to `dst` (a CIDR) through `dev`, of any scope, gateway or
+   * metric (`ip route del DST dev DEV`): true when deleted, false when there was none, nor
+   * any device of that name (its routes went with it).
+   */
+  deleteRoute(route: { dst: string; dev: string }): boolean {
+    const { ip: dst, prefix } = parseIpWithPrefix(route.dst, "route destination");
+    let index: number;
+    try {
+      index = this.index(route.dev);
+    } catch (err) {
+      if (isErrno(err, "ENODEV")) return false;
+      throw err;
+    }
+    const req = new NlRequest(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK).struct(12, (v, at) => {
+      v.setUint8(at, family(dst));
+      v.setUint8(at + 1, prefix);
+      v.setUint8(at + 4, RT_TABLE_MAIN);
+      v.setUint8(at + 6, RT_SCOPE_NOWHERE);
+    });
+    req.attr(RTA_DST, ipBytes(dst)).u32(RTA_OIF, index);
+    try {
+      this.#sock.exchange(req, `cannot delete route ${route.dst} dev ${route.dev}${this.#where}`);
+      return true;
+    } catch (err) {
+      if (isErrno(err, "ESRCH")) return false;
+      throw err;
+    }
   }
 
   /** Every link with its addresses, as `ip -j addr show` lists them (the AddrInfo fields). */
