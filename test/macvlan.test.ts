@@ -411,13 +411,16 @@ describe("macvlan networks: containers as machines on the LAN", () => {
     expect(await link(h2, `dm-${id2.slice(0, 12)}`)).toBeUndefined();
   });
 
+  /** A dual-stack network with host access on eth1; the shim holds the aux addresses "host". */
+  const HOST_ACCESS_NET = [
+    "-d", "macvlan", "--ipv6",
+    "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.64/28", "--aux-address", "host=192.168.100.250",
+    "--subnet", "2001:db8:100::/64", "--gateway", "2001:db8:100::1", "--aux-address", "host6=2001:db8:100::250",
+    "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true", "ha",
+  ];
+
   test("host access: a shim on the parent and a route per endpoint let host and containers talk", async () => {
-    const id = await createNet(h1, [
-      "-d", "macvlan", "--ipv6",
-      "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.64/28", "--aux-address", "host=192.168.100.250",
-      "--subnet", "2001:db8:100::/64", "--gateway", "2001:db8:100::1", "--aux-address", "host6=2001:db8:100::250",
-      "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true", "ha",
-    ]);
+    const id = await createNet(h1, HOST_ACCESS_NET);
     const shim = `mvh-${id.slice(0, 11)}`;
     const s = await link(h1, shim);
     expect(s?.linkinfo?.info_kind).toBe("macvlan");
@@ -452,12 +455,7 @@ describe("macvlan networks: containers as machines on the LAN", () => {
   });
 
   test("host access after someone deleted the shim: gc makes it again with every container's route, so does the next connect; host and containers talk again", async () => {
-    const id = await createNet(h1, [
-      "-d", "macvlan", "--ipv6",
-      "--subnet", "192.168.100.0/24", "--gateway", "192.168.100.1", "--ip-range", "192.168.100.64/28", "--aux-address", "host=192.168.100.250",
-      "--subnet", "2001:db8:100::/64", "--gateway", "2001:db8:100::1", "--aux-address", "host6=2001:db8:100::250",
-      "-o", "parent=eth1", "-o", "knit.macvlan.host_access=true", "ha",
-    ]);
+    const id = await createNet(h1, HOST_ACCESS_NET);
     const shim = `mvh-${id.slice(0, 11)}`;
     const c1 = await runSb(h1, "c1", "ha");
     const c2 = await runSb(h1, "c2", "ha");
