@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { Lab, type LabHost, type LabNode } from "../src/lab/lab.ts";
-import { endpointClaims, installCni, links, randomJson, storeKeys } from "./cni-lab.ts";
+import { agentMode, cniTrace, endpointClaims, installCni, links, randomJson, storeKeys } from "./cni-lab.ts";
 
 setDefaultTimeout(300_000);
 
@@ -55,7 +55,7 @@ const PLUGINS = ["knit", "knit-ipam", "knit-portmap"] as const;
 
 async function runCase(c: Case): Promise<{ code: number; stdout: string; stderr: string }> {
   const proc = Bun.spawn(["nsenter", `--net=${h.path}`, "--", `${binDir}/${c.plugin}`], {
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...h.knitEnv({ KNIT_AGENT_AUTOSTART: "0" }), ...c.env },
+    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", ...h.knitEnv({ KNIT_AGENT_AUTOSTART: "0", ...(agentMode ? { KNIT_CNI_TRACE: "1" } : {}) }), ...c.env },
     stdin: typeof c.stdin === "string" ? new TextEncoder().encode(c.stdin) : c.stdin,
     stdout: "pipe",
     stderr: "pipe",
@@ -128,6 +128,11 @@ describe("bad input for every command", () => {
         const c = batch[j] as Case;
         const label = `${c.plugin} ${c.env.CNI_COMMAND ?? ""} ${c.what}`;
         if (/panic|Segmentation|TypeError|ReferenceError|at .*\.ts:\d+/.test(out.stderr)) failures.push(`${label}: crash on stderr: ${out.stderr.slice(0, 300)}`);
+        // With an agent (KNIT_TEST_CNI_AGENT=1), all of it goes through the agent but what the
+        // plugin keeps: VERSION, and stdin it cannot read.
+        const path = cniTrace(out.stderr)?.path;
+        const kept = c.env.CNI_COMMAND === "VERSION" || c.what.startsWith("huge");
+        if (agentMode && path !== (kept ? "in-process" : "agent")) failures.push(`${label}: path ${String(path)}`);
         if (out.code === 0) {
           if (c.want !== undefined) failures.push(`${label}: succeeded, expected code ${c.want}`);
           if (c.env.CNI_COMMAND === "ADD") {

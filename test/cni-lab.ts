@@ -2,28 +2,96 @@
  * Shared setup of the CNI tests: a lab host with knit's plugins installed by `knit install`
  * into a CNI bin dir of the lab's own, a libcni-like runtime that runs plugins inside that
  * host's namespace, and readers for what the kernel and the store hold.
+ *
+ * The two paths of a plugin invocation (docs/cni.md "Two paths"): by default no knit agent
+ * runs unless a test starts one, so the plugin processes run their invocations themselves.
+ * With KNIT_TEST_CNI_AGENT=1 every CNI test file runs with a knit agent serving its host
+ * from the install on, the plugins hand their invocations to it, and each runtime from
+ * {@link runtimeOn} checks (by KNIT_CNI_TRACE) that every one of them did:
+ *
+ *   KNIT_TEST_CNI_AGENT=1 scripts/lab-run node_modules/.bin/bun test --timeout 120000 test/cni.test.ts
  */
 import { join } from "node:path";
-import { existsSync } from "node:fs";
-import type { Lab, LabHost, LabNode } from "../src/lab/lab.ts";
+import { existsSync, readFileSync } from "node:fs";
+import type { Lab, LabHost, LabNode, LabProcess } from "../src/lab/lab.ts";
 import { openSqliteStore } from "../src/store/sqlite.ts";
-import { CniRuntime, type ConfList } from "./cni-libcni.ts";
+import { CniRuntime, type ConfList, type PluginExec } from "./cni-libcni.ts";
 
 /** Where Debian's containernetworking-plugins live. */
 export const REFERENCE_DIR = "/usr/lib/cni";
+
+/** Whether this run's CNI tests have a knit agent serving each host (KNIT_TEST_CNI_AGENT=1). */
+export const agentMode = process.env.KNIT_TEST_CNI_AGENT === "1";
 
 /** Install knit's plugins with the real CLI into `<lab dir>/_cni-bin-<host>`; returns the dir. */
 export async function installCni(lab: Lab, host: LabHost): Promise<string> {
   const dir = join(lab.dir, `_cni-bin-${host.label}`);
   await host.knitOk(["install", "--cni-bin-dir", dir]);
+  if (agentMode) await startCniAgent(host);
   return dir;
 }
 
-/** A runtime whose plugins run inside `host` (the runtime's network namespace). */
-export function runtimeOn(lab: Lab, host: LabHost, dirs: readonly string[], env: Record<string, string> = {}): CniRuntime {
+const agents = new Map<LabHost, LabProcess>();
+
+/** The agent record of a host, if it names a live process that takes CNI invocations. */
+export function cniAgentRecord(host: LabHost): { pid: number; cniSocket: string; mode: string } | undefined {
+  try {
+    const rec = JSON.parse(readFileSync(join(host.stateDir, "agent.pid"), "utf8")) as { pid: number; cniSocket?: string; mode: string };
+    process.kill(rec.pid, 0);
+    return rec.cniSocket ? { pid: rec.pid, cniSocket: rec.cniSocket, mode: rec.mode } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Start `knit agent` (a service) on `host` (with `env` on top of the host's), and wait until
+ * it takes CNI invocations. Stopped by {@link stopCniAgent} or the lab's cleanup.
+ */
+export async function startCniAgent(host: LabHost, env: Record<string, string> = {}): Promise<LabProcess> {
+  const proc = host.spawnKnit(["agent"], { env });
+  agents.set(host, proc);
+  const deadline = Date.now() + 30_000;
+  while (cniAgentRecord(host)?.pid !== proc.pid) {
+    if (!proc.running || Date.now() > deadline) throw new Error(`the knit agent on ${host.label} did not start: ${proc.output().slice(-2000)}`);
+    await Bun.sleep(25);
+  }
+  return proc;
+}
+
+/** Stop the agent {@link startCniAgent} started on `host` (if it still runs). */
+export async function stopCniAgent(host: LabHost): Promise<void> {
+  await agents.get(host)?.stop(10_000);
+  agents.delete(host);
+}
+
+/** The `knit-cni-trace` line of a plugin call's stderr (KNIT_CNI_TRACE=1), parsed. */
+export function cniTrace(stderr: string): Record<string, string | number> | undefined {
+  const line = stderr.split("\n").find((l) => l.startsWith("knit-cni-trace "));
+  return line ? (JSON.parse(line.slice("knit-cni-trace ".length)) as Record<string, string | number>) : undefined;
+}
+
+/**
+ * A runtime whose plugins run inside `host` (the runtime's network namespace). With
+ * `checkPath` (the default in agent mode), each call of a knit plugin that is to be handed
+ * to the agent (not VERSION, no fault injection, no KNIT_CNI_AGENT=0) must have been: the
+ * call fails otherwise, naming the path and reason its trace gave.
+ */
+export function runtimeOn(lab: Lab, host: LabHost, dirs: readonly string[], env: Record<string, string> = {}, opts: { checkPath?: boolean } = {}): CniRuntime {
+  const check = opts.checkPath ?? agentMode;
+  const exec: PluginExec = async (argv, stdin, e) => {
+    const r = await lab.exec(host, argv, { stdin, env: e, check: false, timeoutMs: 60_000 });
+    const plugin = (argv[0] ?? "").slice((argv[0] ?? "").lastIndexOf("/") + 1);
+    const handed = e.CNI_COMMAND !== "VERSION" && !e.KNIT_CRASH_AT && !e.KNIT_FAIL_AT && e.KNIT_CNI_AGENT !== "0";
+    if (check && handed && ["knit", "knit-ipam", "knit-portmap"].includes(plugin)) {
+      const t = cniTrace(r.stderr);
+      if (t?.path !== "agent") throw new Error(`${plugin} ${e.CNI_COMMAND ?? ""} was not handed to the agent: ${t ? `${String(t.path)} (${String(t.reason)})` : `no trace; stderr: ${r.stderr}`}`);
+    }
+    return r;
+  };
   // The environment knit's CLI runs with on this host (state dir, host name), as a runtime
   // that runs knit's plugins next to knit's CLI and agent has it.
-  return new CniRuntime(dirs, (argv, stdin, e) => lab.exec(host, argv, { stdin, env: e, check: false, timeoutMs: 60_000 }), host.knitEnv({ KNIT_AGENT_AUTOSTART: "0", ...env }));
+  return new CniRuntime(dirs, exec, host.knitEnv({ KNIT_AGENT_AUTOSTART: "0", ...(check ? { KNIT_CNI_TRACE: "1" } : {}), ...env }));
 }
 
 /** A one-plugin conflist for knit, joining `network` (or creating a network named `name`). */

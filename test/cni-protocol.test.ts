@@ -1,9 +1,18 @@
 /**
  * The CNI protocol layer on its own (no kernel, no store): environment and name validation,
- * CNI_ARGS, version rules, Go-style JSON decoding, result formats in every version, and a
- * fuzz of the decoding layer that must only ever end in a CniError (never another exception).
+ * CNI_ARGS, version rules, Go-style JSON decoding, result formats in every version, a fuzz of
+ * the decoding layer that must only ever end in a CniError (never another exception), and
+ * the handoff of invocations to the agent (src/cni/handoff.ts): the agent's side served by
+ * this test process, the plugin's side run as a plugin process.
  */
-import { describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { CniServer } from "../src/agent/cni-server.ts";
+import { jsonLogger } from "../src/agent/log.ts";
+import { hostName, processStartTime } from "../src/engine/owner.ts";
+import { HANDOFF_SOCKET, HANDOFF_VERSION, type HandoffAck } from "../src/cni/handoff.ts";
 import { CniError } from "../src/cni/errors.ts";
 import { Fields, field } from "../src/cni/json.ts";
 import { loadConfig, parseCniArgs, readInvocation, SupportedVersions } from "../src/cni/protocol.ts";
@@ -217,5 +226,111 @@ describe("fuzz of the decoding layer", () => {
       }
     }
     expect(ok).toBeGreaterThan(0);
+  });
+});
+
+describe("the handoff to the agent", () => {
+  // This test process is the agent of a state directory of its own; the plugin runs as a
+  // process (src/cni/client.ts with the sources as its full plugin), as a runtime runs it.
+  let dir = "";
+  let server: CniServer;
+  const client = join(import.meta.dir, "..", "src", "cni", "client.ts");
+  const engine = join(import.meta.dir, "..", "src", "cni", "main.ts");
+
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), "knit-handoff-"));
+    server = new CniServer({ stateDir: dir, socket: join(dir, HANDOFF_SOCKET), log: jsonLogger("error") });
+    server.start();
+    writeFileSync(join(dir, "agent.pid"), JSON.stringify({ pid: process.pid, startTime: processStartTime(process.pid), host: hostName(), mode: "service", socket: "", cniSocket: join(dir, HANDOFF_SOCKET), started: "" }));
+  });
+
+  afterAll(async () => {
+    await server.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** The environment of an invocation for this state directory and host. */
+  const envFor = (extra: Record<string, string> = {}): Record<string, string> => ({ ...base, KNIT_STATE_DIR: dir, KNIT_HOST: hostName(), ...extra });
+
+  async function plugin(env: Record<string, string>, stdin: string): Promise<{ code: number; stdout: string; stderr: string }> {
+    const proc = Bun.spawn([process.execPath, client, "--plugin", "knit", "--engine", engine], {
+      env: { PATH: process.env.PATH ?? "/usr/bin:/bin", KNIT_CNI_TRACE: "1", ...env },
+      stdin: new TextEncoder().encode(stdin),
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+    return { code, stdout, stderr };
+  }
+
+  test("errors of bad input come back as the same error JSON as runPlugin's in this process", async () => {
+    const good = { cniVersion: "1.0.0", name: "n", type: "knit" };
+    const cases: [Record<string, string>, string][] = [
+      [envFor(), "{"],
+      [envFor(), ""],
+      [envFor(), JSON.stringify({ ...good, name: 5 })],
+      [envFor(), JSON.stringify({ ...good, cniVersion: "9.9.9" })],
+      [envFor({ CNI_COMMAND: "CHECK" }), JSON.stringify({ ...good, cniVersion: "0.3.1" })],
+      [envFor({ CNI_IFNAME: "x".repeat(16) }), JSON.stringify(good)],
+      [envFor({ CNI_ARGS: "FOO=bar" }), JSON.stringify(good)],
+      [envFor({ CNI_PATH: "" }), JSON.stringify(good)],
+      [envFor({ CNI_COMMAND: "FOO" }), JSON.stringify(good)],
+      [envFor({ CNI_NETNS: "/nonexistent/ns" }), JSON.stringify(good)],
+      [envFor(), JSON.stringify({ ...good, runtimeConfig: { ips: "10.0.0.1" } })],
+      [envFor({ CNI_COMMAND: "GC" }), JSON.stringify({ ...good, cniVersion: "1.1.0" })],
+    ];
+    const ranBefore = server.stats.ran;
+    for (const [env, stdin] of cases) {
+      const here = await runPlugin("knit", env, () => stdin);
+      const there = await plugin(env, stdin);
+      expect([there.code, there.stdout]).toEqual([here.code, `${here.stdout}\n`]);
+      expect(there.stderr).toContain(here.stderr);
+      expect(there.stderr).toContain('"path":"agent"');
+    }
+    expect(server.stats.ran - ranBefore).toBe(cases.length);
+  });
+
+  /** The agent's acknowledgement of a raw request line. */
+  async function ack(line: string): Promise<HandoffAck> {
+    let got = "";
+    const { promise, resolve } = Promise.withResolvers<HandoffAck>();
+    const sock = await Bun.connect({
+      unix: join(dir, HANDOFF_SOCKET),
+      socket: {
+        data(_s, chunk) {
+          got += chunk.toString();
+          if (got.includes("\n")) resolve(JSON.parse(got.slice(0, got.indexOf("\n"))) as HandoffAck);
+        },
+        close() {
+          resolve({ ok: false, reason: `closed: ${got}` });
+        },
+      },
+    });
+    sock.write(`${line}\n`);
+    const out = await promise;
+    sock.end();
+    return out;
+  }
+
+  test("the agent takes only what it would run as the plugin process would, and says why not", async () => {
+    const req = (over: Record<string, unknown> = {}, env: Record<string, string> = {}, stdin = '{"cniVersion":"0.4.0","name":"n"}'): string =>
+      JSON.stringify({ v: HANDOFF_VERSION, plugin: "knit", env: envFor(env), stdin, pid: process.pid, cwd: process.cwd(), ...over });
+    const declined = async (line: string): Promise<string> => {
+      const a = await ack(line);
+      return a.ok ? "taken" : a.reason;
+    };
+    expect(await ack(req())).toEqual({ ok: true, cniVersion: "0.4.0" });
+    expect(await ack(req({}, {}, "not json"))).toEqual({ ok: true, cniVersion: "1.1.0" });
+    expect(await declined("{")).toBe("malformed request");
+    expect(await declined(req({ v: 2 }))).toBe(`handoff protocol version 2, the agent speaks ${HANDOFF_VERSION}`);
+    expect(await declined(req({ env: { A: 1 } }))).toBe("malformed request");
+    expect(await declined(req({}, { KNIT_FAIL_AT: "cni-add:after-connect" }))).toBe("fault injection is asked for");
+    expect(await declined(req({}, { CNI_COMMAND: "VERSION" }))).toBe("VERSION is answered by the plugin");
+    expect(await declined(req({}, { KNIT_STATE_DIR: "/var/lib/elsewhere" }))).toBe(`state directory /var/lib/elsewhere is not the agent's (${dir})`);
+    expect(await declined(req({}, {}, JSON.stringify({ name: "n", stateDir: "/var/lib/elsewhere" })))).toBe(`state directory /var/lib/elsewhere is not the agent's (${dir})`);
+    expect(await declined(req({}, { KNIT_HOST: "another-host" }))).toBe(`host name another-host is not the agent's (${hostName()})`);
+    expect(await declined(req({}, {}, JSON.stringify({ name: "n", HOST: "another-host" })))).toBe(`host name another-host is not the agent's (${hostName()})`);
+    expect(await declined(req({ pid: 999_999_999 }))).toBe("the plugin runs in other namespaces than the agent");
+    expect(await declined(req({ cwd: "/" }, { CNI_NETNS: "relative/ns" }))).toBe(process.cwd() === "/" ? "taken" : "relative paths, and another working directory than the agent's");
   });
 });

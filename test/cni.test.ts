@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { Lab, type LabHost, type LabNode } from "../src/lab/lab.ts";
 import { assertHostClean } from "./leaks.ts";
 import { CniCallError, type CniRuntime } from "./cni-libcni.ts";
-import { container, endpointClaims, firstAddress, ifaceAddrs, installCni, knitList, links, runtimeOn, storeKeys } from "./cni-lab.ts";
+import { agentMode, container, endpointClaims, firstAddress, ifaceAddrs, installCni, knitList, links, runtimeOn, startCniAgent, stopCniAgent, storeKeys } from "./cni-lab.ts";
 
 setDefaultTimeout(120_000);
 
@@ -79,10 +79,15 @@ describe("knit install", () => {
     expect(r.stderr).toContain("not knit's");
     await h.knitOk(["install", "--cni-bin-dir", other, "--force"]);
     expect(readlinkSync(join(other, "knit"))).toBe("knit-cni");
-    // --from-source: the launcher runs the checkout's sources, the bundle goes.
+    // The launcher runs the lean client, which loads the full plugin only to run an invocation itself.
+    expect(readFileSync(join(binDir, "knit-cni"), "utf8")).toContain(`${join(binDir, "knit-cni-client.js")}' --plugin "\${0##*/}" --engine '${join(binDir, "knit-cni.js")}'`);
+    for (const f of ["knit-cni.js", "knit-cni.js.jsc", "knit-cni-client.js", "knit-cni-client.js.jsc"]) expect(existsSync(join(binDir, f))).toBe(true);
+    // --from-source: the launcher runs the checkout's sources, the bundles go.
     await h.knitOk(["install", "--cni-bin-dir", other, "--from-source"]);
+    expect(readFileSync(join(other, "knit-cni"), "utf8")).toContain("/src/cni/client.ts' --plugin");
     expect(readFileSync(join(other, "knit-cni"), "utf8")).toContain("/src/cni/main.ts");
     expect(existsSync(join(other, "knit-cni.js"))).toBe(false);
+    expect(existsSync(join(other, "knit-cni-client.js"))).toBe(false);
     const src = await lab.exec(h, [join(other, "knit-ipam")], { stdin: "{}", env: { CNI_COMMAND: "VERSION" } });
     expect((JSON.parse(src.stdout) as { supportedVersions: string[] }).supportedVersions).toContain("1.1.0");
   });
@@ -359,7 +364,11 @@ describe("published ports (knit-portmap)", () => {
 
 describe("DNS through the agent", () => {
   test("CNI containers and knit sandboxes resolve each other's names; the agent starts with the first and stops after the last", async () => {
-    const auto = runtimeOn(lab, h, [binDir], { KNIT_AGENT_AUTOSTART: "1" });
+    // This test is about the agent an ADD starts on demand: none may run before it.
+    if (agentMode) await stopCniAgent(h);
+    const auto = runtimeOn(lab, h, [binDir], { KNIT_AGENT_AUTOSTART: "1" }, { checkPath: false });
+    const log = join(h.stateDir, "agent.log");
+    const logBefore = existsSync(log) ? readFileSync(log, "utf8").length : 0;
     const list = knitList("front-cni", { network: FRONT });
     const c = await container(lab, "dns1");
     const dns = { servers: ["192.0.2.53"], searches: ["example.test"], options: ["ndots:2"] };
@@ -378,15 +387,19 @@ describe("DNS through the agent", () => {
       expect((await h.knitOk(["exec", "beta", "--", "dig", "+short", "+time=2", "@10.90.0.1", "alpha"])).stdout.trim()).toBe(firstAddress(res));
       expect((await h.knitOk(["exec", "beta", "--", "dig", "+short", "+time=2", "@10.90.0.1", "alias-a"])).stdout.trim()).toBe(firstAddress(res));
       await h.knitOk(["rm", "-f", "beta"]);
+      // The plugin hands this DEL to the agent the first ADD started.
       await auto.del(list, att);
-      // The last container that needed it is gone: the auto-started agent stops.
+      // The last container that needed it is gone: the auto-started agent stops, by itself
+      // once it has answered the DEL.
       const deadline = Date.now() + 10_000;
       while ((await h.knit(["agent", "status"])).code === 0 && Date.now() < deadline) await Bun.sleep(100);
       expect((await h.knit(["agent", "status"])).code).toBe(1);
+      expect(readFileSync(log, "utf8").slice(logBefore)).toContain('"msg":"stopping","signal":"idle"');
     } finally {
       await auto.delAll();
       await h.knit(["rm", "-f", "beta"]);
       await h.knit(["agent", "stop"]);
+      if (agentMode) await startCniAgent(h);
     }
     await expectNoAttachments();
   });

@@ -14,14 +14,21 @@
  *   6. open the status socket (`knit agent status`);
  *   7. reconcile store and kernel (`knit gc`), as after a crash or a reboot;
  *   7b. with --docker-plugin: serve Docker's NetworkDriver/IpamDriver socket (src/plugin);
- *   8. write agent.pid: from now on `knit run` finds it without asking.
+ *   7c. take CNI invocations that plugin processes hand over (src/agent/cni-server.ts);
+ *   8. write agent.pid: from now on `knit run` finds it without asking, and CNI plugins
+ *      hand their invocations to it.
  * DNS comes before reconcile so that a restarted agent answers within a second of its
  * start; agent.pid comes last so that whoever started it (auto-start) waits until the
  * repairs are done and cannot race them.
  *
  * Nothing the agent holds is needed to keep traffic flowing: links, addresses and firewall
  * rules are kernel state. Killing it (even with -9) stops name resolution until it is
- * started again, and loses nothing: the store is the truth, the agent only mirrors it.
+ * started again, and loses nothing: the store is the truth, the agent only mirrors it. CNI
+ * invocations it was running when killed end as error 11 for their runtimes, and what they
+ * left half made is undone like a killed plugin's (the runtime's DEL, GC, reconcile).
+ *
+ * An agent started on demand (mode "auto") stops by itself after a CNI DEL it ran left no
+ * sandbox that needs it, as `stopIdleAgent` stops it after other commands.
  */
 import { type Engine } from "../engine/engine.ts";
 import { currentOwner } from "../engine/owner.ts";
@@ -45,6 +52,9 @@ import { claimAgent, releaseAgent } from "./claim.ts";
 import { agentPaths, removeAgentRecord, writeAgentRecord } from "./pidfile.ts";
 import { serveStatus } from "./status.ts";
 import { jsonLogger, type LogLevel, type Logger } from "./log.ts";
+import { CniServer } from "./cni-server.ts";
+import { agentNeeded, startAgent } from "./autostart.ts";
+import { setLinkDeletionAside } from "../kernel/ip.ts";
 
 /** How `knit agent` was asked to run. */
 export interface AgentOptions {
@@ -72,7 +82,9 @@ const REBIND_MS = 500;
 /** Run the agent until SIGTERM or SIGINT; returns the process exit code. */
 export async function runAgent(opts: AgentOptions): Promise<number> {
   const log = jsonLogger(opts.logLevel);
+  let requestStop: (reason: string) => void = () => undefined;
   const stopSignal = new Promise<string>((resolve) => {
+    requestStop = resolve;
     for (const sig of ["SIGTERM", "SIGINT"] as const) process.on(sig, () => resolve(sig));
   });
   let store: Store;
@@ -97,7 +109,7 @@ export async function runAgent(opts: AgentOptions): Promise<number> {
     await store.close();
     return 1;
   }
-  const agent = new Agent({ store, stateDir: opts.stateDir }, me, opts, log);
+  const agent = new Agent({ store, stateDir: opts.stateDir }, me, opts, log, requestStop);
   try {
     await agent.start();
   } catch (err) {
@@ -107,7 +119,7 @@ export async function runAgent(opts: AgentOptions): Promise<number> {
   }
   const signal = await stopSignal;
   log.info("stopping", { signal });
-  await agent.stop();
+  await agent.stop(signal === "idle");
   log.info("stopped");
   return 0;
 }
@@ -125,6 +137,8 @@ export interface AgentHealth {
   cluster?: { host: RegistrationStatus; overlay: OverlaySyncStatus };
   /** With --docker-plugin: its socket and the calls dockerd made. */
   docker?: DockerPluginStatus;
+  /** CNI invocations plugin processes handed over: the socket, how many ran, failed, were declined, run now. */
+  cni: { socket: string; ran: number; failed: number; declined: number; inFlight: number };
   dns: {
     networks: { id: string; name: string; addresses: readonly string[]; internal: boolean }[];
     listeners: ReturnType<DnsServer["status"]>;
@@ -153,6 +167,9 @@ class Agent {
   private registration: HostRegistration | undefined;
   private overlay: OverlaySync | undefined;
   private plugin: DockerPlugin | undefined;
+  private readonly cni: CniServer;
+  /** An idle check under way (an auto-started agent after a CNI DEL). */
+  private idleCheck: Promise<void> | undefined;
   /** Cluster mode: whether the reply rule of the internal overlays' DNS address is in place (undefined: not known yet). */
   private overlayDnsRule: boolean | undefined;
 
@@ -161,8 +178,10 @@ class Agent {
     private readonly me: AgentClaim,
     private readonly opts: AgentOptions,
     private readonly log: Logger,
+    private readonly requestStop: (reason: string) => void,
   ) {
     this.paths = agentPaths(engine.stateDir);
+    this.cni = new CniServer({ stateDir: engine.stateDir, socket: this.paths.cniSocket, log, onDel: () => this.checkIdle() });
     this.forwarder = new Forwarder({ timeoutMs: opts.dnsTimeoutMs });
     this.resolver = new Resolver(this.table, this.forwarder, hostUpstreams);
     this.server = new DnsServer(this.resolver, {
@@ -177,6 +196,9 @@ class Agent {
 
   async start(): Promise<void> {
     this.log.info("starting", { pid: this.me.pid, mode: this.me.mode, store: this.engine.store.describe, host: hostName() });
+    // Many callers share this event loop (DNS, CNI invocations): a link deletion's RCU wait
+    // must not hold it (src/kernel/ip.ts).
+    setLinkDeletionAside(true);
     if (this.opts.cluster) await this.joinCluster(this.opts.cluster);
     await this.mirror.start();
     if (this.overlay) await this.overlay.start();
@@ -194,7 +216,8 @@ class Agent {
       this.plugin = new DockerPlugin(this.engine, this.opts.dockerPlugin, this.log);
       await this.plugin.start();
     }
-    writeAgentRecord(this.engine.stateDir, { ...this.me, socket: this.paths.socket, started: this.started.toISOString() });
+    this.cni.start();
+    writeAgentRecord(this.engine.stateDir, { ...this.me, socket: this.paths.socket, cniSocket: this.paths.cniSocket, started: this.started.toISOString() });
     this.ready = true;
     this.log.info("ready", { networks: this.table.servedNetworks().length, names: this.table.size, revision: this.mirror.revision });
   }
@@ -228,10 +251,16 @@ class Agent {
     this.table.setPeerGate((networkId, address) => overlay.programmed(networkId, address));
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Stop serving; `idle`: an auto-started agent that found itself not needed, which starts a
+   * successor when a sandbox came to need one while it stopped (as stopIdleAgent does).
+   */
+  async stop(idle = false): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
     clearTimeout(this.rebind);
+    // First: plugin processes run their invocations themselves from now on.
+    await this.cni.stop();
     await this.plugin?.stop();
     this.registration?.stop();
     this.overlay?.close();
@@ -242,7 +271,31 @@ class Agent {
     await this.status?.stop().catch(() => undefined);
     removeAgentRecord(this.engine.stateDir, this.me.pid);
     await releaseAgent(this.engine.store, this.me).catch((err: unknown) => this.log.warn("cannot release the claim", { err }));
+    if (idle && (await agentNeeded(this.engine).catch(() => false))) {
+      this.log.info("a sandbox came to need an agent while this one stopped: starting another");
+      await startAgent(this.engine.stateDir, "auto").catch((err: unknown) => this.log.warn("cannot start another agent", { err }));
+    }
     await this.engine.store.close();
+  }
+
+  /**
+   * After a CNI DEL this agent ran: an auto-started agent that no sandbox needs any more
+   * stops (what stopIdleAgent does after a plugin process's DEL). Not while other CNI
+   * invocations are under way: one of them may be an ADD that needs it.
+   */
+  private checkIdle(): void {
+    if (this.me.mode !== "auto" || this.stopping || this.idleCheck) return;
+    this.idleCheck = (async () => {
+      try {
+        if (this.cni.inFlight > 0 || (await agentNeeded(this.engine)) || this.cni.inFlight > 0 || this.stopping) return;
+        this.log.info("no sandbox needs the agent any more");
+        this.requestStop("idle");
+      } catch (err) {
+        this.log.warn("cannot tell whether the agent is still needed", { err });
+      } finally {
+        this.idleCheck = undefined;
+      }
+    })();
   }
 
   /** Listen on exactly the served networks' gateways; retry what cannot be bound yet. */
@@ -295,6 +348,7 @@ class Agent {
       store: { describe: this.engine.store.describe, revision: this.mirror.revision, relists: this.mirror.relists },
       reconcile: this.reconciled,
       ...(this.plugin ? { docker: this.plugin.status() } : {}),
+      cni: { socket: this.paths.cniSocket, ...this.cni.stats, inFlight: this.cni.inFlight },
       ...(this.registration && this.overlay ? { cluster: { host: this.registration.status(), overlay: this.overlay.status() } } : {}),
       dns: {
         networks: this.table.servedNetworks().map((n) => ({ id: n.id, name: n.name, addresses: n.addresses, internal: n.internal })),

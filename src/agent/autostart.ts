@@ -90,11 +90,12 @@ export async function startAgent(stateDir: string, mode: AgentRecord["mode"], ex
 /**
  * After a command that may have removed endpoints: stop an auto-started agent that no
  * sandbox needs any more. If a sandbox appeared meanwhile (another command raced this one),
- * start it again.
+ * start it again. Inside the agent itself (a CNI DEL it was handed) nothing happens here:
+ * the agent checks once the invocation is answered (src/agent/agent.ts).
  */
 export async function stopIdleAgent(engine: Engine): Promise<void> {
   const rec = liveAgent(engine.stateDir);
-  if (!rec || rec.mode !== "auto" || (await agentNeeded(engine))) return;
+  if (!rec || rec.mode !== "auto" || rec.pid === process.pid || (await agentNeeded(engine))) return;
   await stopAgentProcess(rec);
   if (await agentNeeded(engine)) await ensureAgent(engine);
 }

@@ -11,18 +11,24 @@ import { readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { AgentClaim } from "../model.ts";
 import { processAlive } from "../engine/owner.ts";
+import { HANDOFF_SOCKET } from "../cni/handoff.ts";
 
 /** What agent.pid holds. */
 export interface AgentRecord extends AgentClaim {
   /** The status socket (HTTP over a unix socket). */
   socket: string;
+  /**
+   * The socket CNI plugin processes hand their invocations to (src/cni/handoff.ts); absent
+   * in the records of agents that do not take them.
+   */
+  cniSocket?: string;
   /** When the agent started (ISO time). */
   started: string;
 }
 
 /** The agent's files in a state directory. */
-export function agentPaths(stateDir: string): { pidfile: string; socket: string; log: string } {
-  return { pidfile: join(stateDir, "agent.pid"), socket: join(stateDir, "agent.sock"), log: join(stateDir, "agent.log") };
+export function agentPaths(stateDir: string): { pidfile: string; socket: string; cniSocket: string; log: string } {
+  return { pidfile: join(stateDir, "agent.pid"), socket: join(stateDir, "agent.sock"), cniSocket: join(stateDir, HANDOFF_SOCKET), log: join(stateDir, "agent.log") };
 }
 
 /** The record in agent.pid, whether its process runs or not (undefined: none or unreadable). */

@@ -3,12 +3,15 @@
  * runtimes (podman, containerd, cri-o, libcni) look executables up by the configuration's
  * `type`.
  *
- * What lands there: `knit-cni.js`, src/cni/main.ts and everything it imports bundled into
- * one CommonJS file with its bytecode cache (`knit-cni.js.jsc`), so a plugin start parses
- * nothing and resolves no module; `knit-cni`, a small launcher that runs it with this knit's
- * Bun; and `knit`, `knit-ipam`, `knit-portmap` as links to the launcher (one multi-call
- * executable; see src/cni/main.ts). `--from-source` makes the launcher run the sources of
- * this checkout instead (for development: changes apply without installing again).
+ * What lands there: `knit-cni-client.js`, src/cni/client.ts bundled (a few KB: it hands an
+ * invocation to the host's knit agent, docs/cni.md "Two paths"); `knit-cni.js`,
+ * src/cni/main.ts and everything it imports bundled into one CommonJS file, which the
+ * client loads to run an invocation itself; each with its bytecode cache (`.jsc`), so a
+ * plugin start parses nothing and resolves no module; `knit-cni`, a small launcher that runs
+ * the client with this knit's Bun; and `knit`, `knit-ipam`, `knit-portmap` as links to the
+ * launcher (one multi-call executable; see src/cni/main.ts). `--from-source` makes the
+ * launcher run the sources of this checkout instead (for development: changes apply without
+ * installing again).
  *
  * Every file is written under a temporary name and renamed into place, so a runtime never
  * runs half a file, and an install over an older one is an upgrade. Files of the same names
@@ -31,6 +34,8 @@ export const LAUNCHER = "knit-cni";
 export const PLUGIN_LINKS = ["knit", "knit-ipam", "knit-portmap"] as const;
 /** The bundle and its bytecode cache, next to the launcher. */
 export const BUNDLE = "knit-cni.js";
+/** The client's bundle (what the launcher runs), next to it. */
+export const CLIENT_BUNDLE = "knit-cni-client.js";
 const MARK = "# knit CNI plugins";
 
 const spec = defineCommand({
@@ -50,12 +55,15 @@ const spec = defineCommand({
 /** Quote a path for sh (single quotes). */
 const shQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
 
-/** The launcher's text: the plugin name is the name it is started by. */
-export function launcherScript(bun: string, main: string): string {
+/**
+ * The launcher's text: the plugin name is the name it is started by; `client` hands the
+ * invocation to the agent or loads `engine` to run it.
+ */
+export function launcherScript(bun: string, client: string, engine: string): string {
   return [
     "#!/bin/sh",
     `${MARK} (multi-call: knit, knit-ipam, knit-portmap are links to this file). Installed by \`knit install\`.`,
-    `exec ${shQuote(bun)} ${shQuote(main)} --plugin "\${0##*/}"`,
+    `exec ${shQuote(bun)} ${shQuote(client)} --plugin "\${0##*/}" --engine ${shQuote(engine)}`,
     "",
   ].join("\n");
 }
@@ -105,30 +113,32 @@ const lazyBuiltins: Bun.BunPlugin = {
 };
 
 /**
- * Bundle src/cni/main.ts into `outDir` as `knit-cni.js` + bytecode. Modules of the bundle that
- * find the checkout through `import.meta.dir` (the agent's auto-start runs src/cli/main.ts)
- * get the directory the sources were in, which sits at the same depth as every such module.
+ * Bundle `entry` (src/cni/main.ts or client.ts) into `outDir` as `<name>.js` + bytecode.
+ * Modules of the bundle that find the checkout through `import.meta.dir` (the agent's
+ * auto-start runs src/cli/main.ts) get the directory the sources were in, which sits at the
+ * same depth as every such module.
  */
-async function buildBundle(main: string, outDir: string): Promise<void> {
+async function buildBundle(entry: string, outDir: string, name: string): Promise<void> {
   const res = await Bun.build({
-    entrypoints: [main],
+    entrypoints: [entry],
     outdir: outDir,
     target: "bun",
     format: "cjs",
     bytecode: true,
     minify: true,
-    naming: "knit-cni.[ext]",
-    define: { "import.meta.dir": JSON.stringify(join(main, "..")) },
+    naming: `${name.replace(/\.js$/, "")}.[ext]`,
+    define: { "import.meta.dir": JSON.stringify(join(entry, "..")) },
     plugins: [lazyBuiltins],
   });
-  if (!res.success) throw new KnitError("io", `cannot bundle ${main}: ${res.logs.map((l) => l.message).join("; ")}`);
+  if (!res.success) throw new KnitError("io", `cannot bundle ${entry}: ${res.logs.map((l) => l.message).join("; ")}`);
 }
 
 /** Install into `dir`; returns the paths written. */
 export async function installPlugins(dir: string, opts: { force?: boolean; root?: string; fromSource?: boolean } = {}): Promise<string[]> {
   const root = resolve(opts.root ?? process.env.KNIT_ROOT ?? join(import.meta.dir, "..", ".."));
   const main = join(root, "src", "cni", "main.ts");
-  if (!existsSync(main)) throw new KnitError("io", `cannot find knit's CNI entry point ${main}`);
+  const client = join(root, "src", "cni", "client.ts");
+  for (const f of [main, client]) if (!existsSync(f)) throw new KnitError("io", `cannot find knit's CNI entry point ${f}`);
   const bun = realpathSync(process.execPath);
   mkdirSync(dir, { recursive: true });
   const targets = [LAUNCHER, ...PLUGIN_LINKS].map((n) => join(dir, n));
@@ -138,24 +148,30 @@ export async function installPlugins(dir: string, opts: { force?: boolean; root?
   }
   const tmp = `.knit-install-${process.pid}`;
   const launcher = join(dir, LAUNCHER);
-  let entry = main;
+  let engine = main;
+  let front = client;
   if (opts.fromSource) {
-    for (const f of [BUNDLE, `${BUNDLE}.jsc`]) rmSync(join(dir, f), { force: true });
+    for (const f of [BUNDLE, CLIENT_BUNDLE]) for (const g of [f, `${f}.jsc`]) rmSync(join(dir, g), { force: true });
   } else {
     const build = join(dir, `${tmp}.d`);
     rmSync(build, { recursive: true, force: true });
     try {
-      await buildBundle(main, build);
-      // Bytecode first: a start between the two renames falls back to parsing the source.
-      renameSync(join(build, `${BUNDLE}.jsc`), join(dir, `${BUNDLE}.jsc`));
-      renameSync(join(build, BUNDLE), join(dir, BUNDLE));
+      await buildBundle(main, build, BUNDLE);
+      await buildBundle(client, build, CLIENT_BUNDLE);
+      // The engine before the client (a new client may need it), the launcher last; within
+      // each, bytecode first: a start between the two renames falls back to parsing the source.
+      for (const f of [BUNDLE, CLIENT_BUNDLE]) {
+        renameSync(join(build, `${f}.jsc`), join(dir, `${f}.jsc`));
+        renameSync(join(build, f), join(dir, f));
+        targets.push(join(dir, f), join(dir, `${f}.jsc`));
+      }
     } finally {
       rmSync(build, { recursive: true, force: true });
     }
-    entry = join(dir, BUNDLE);
-    targets.push(entry, `${entry}.jsc`);
+    engine = join(dir, BUNDLE);
+    front = join(dir, CLIENT_BUNDLE);
   }
-  writeFileSync(join(dir, tmp), launcherScript(bun, entry), { mode: 0o755 });
+  writeFileSync(join(dir, tmp), launcherScript(bun, front, engine), { mode: 0o755 });
   chmodSync(join(dir, tmp), 0o755);
   renameSync(join(dir, tmp), launcher);
   for (const name of PLUGIN_LINKS) {

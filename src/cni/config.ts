@@ -23,6 +23,7 @@ import { CniCodes, CniError } from "./errors.ts";
 import { Fields } from "./json.ts";
 import { parseCniArgs, type Invocation, type LoadedConfig } from "./protocol.ts";
 import { prevResultOf, type CniDns, type CniResult, type CniRoute } from "./result.ts";
+import { DEFAULT_STATE_DIR } from "./defaults.ts";
 
 /** One host-local range: a subnet, optionally narrowed and with its gateway. */
 export interface IpamRange {
@@ -90,7 +91,7 @@ export interface PluginConf {
 
 const KNOWN_ARGS = ["IP", "MAC", "K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"] as const;
 
-export const DEFAULT_STATE_DIR = "/var/lib/knit";
+export { DEFAULT_STATE_DIR };
 
 function parseRanges(list: unknown[], path: string): IpamRange[][] {
   return list.map((set, i) => {

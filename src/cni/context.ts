@@ -1,7 +1,12 @@
 /**
- * What every plugin command gets (the invocation, its decoded configuration, the raw stdin for
- * delegation, the engine opened on first use) and the checks shared by the plugins: the
- * container's namespace, static addresses and MACs from the runtime.
+ * What every plugin command gets (the invocation, its environment, its decoded configuration,
+ * the raw stdin for delegation, its trace, the engine opened on first use) and the checks
+ * shared by the plugins: the container's namespace, static addresses and MACs from the
+ * runtime.
+ *
+ * Nothing on a command's path reads process.env: a plugin process and the agent (which runs
+ * invocations that plugin processes hand it, src/agent/cni-server.ts) both pass the
+ * invocation's own environment here.
  */
 import { statSync } from "node:fs";
 import { CniCodes, CniError } from "./errors.ts";
@@ -9,19 +14,42 @@ import type { PluginConf } from "./config.ts";
 import type { Invocation } from "./protocol.ts";
 import type { Engine } from "../engine/engine.ts";
 import type { Network } from "../model.ts";
+import type { CniTrace } from "./trace.ts";
 import { cidrContains, formatIp, parseCidr, tryParseIp } from "../net/ip.ts";
+
+/** An invocation's environment variables. */
+export type CniEnv = Readonly<Record<string, string | undefined>>;
 
 export interface PluginContext {
   readonly inv: Invocation;
+  /** The invocation's environment (delegated plugins get it, as the runtime gave it). */
+  readonly env: CniEnv;
   readonly conf: PluginConf;
   /** The configuration as it came on stdin (delegated plugins get exactly this). */
   readonly stdin: string;
+  /**
+   * Where a delegated plugin's stderr goes: "inherit" passes it through (a plugin process),
+   * a function collects it into the invocation's own stderr (the agent).
+   */
+  readonly stderr: "inherit" | ((text: string) => void);
+  /** The invocation's working directory, for delegated plugins; undefined: this process's. */
+  readonly cwd?: string;
+  readonly trace: CniTrace;
   engine(): Promise<Engine>;
 }
 
-/** Open knit's store in the configuration's state directory, as host `host` when given. */
-export async function openEngine(stateDir: string, host?: string): Promise<Engine> {
-  (await import("../engine/owner.ts")).adoptHostName(stateDir, host ?? (process.env.KNIT_HOST || undefined));
+/**
+ * The host name an invocation asks for: the configuration's `host`, else KNIT_HOST; undefined
+ * means the state directory's remembered name, else the hostname (adoptHostName).
+ */
+export const explicitHost = (conf: Pick<PluginConf, "host">, env: CniEnv): string | undefined => conf.host ?? (env.KNIT_HOST || undefined);
+
+/**
+ * Open knit's store in a plugin process: the configuration's state directory, as host
+ * `host` when given (the process takes that name, see adoptHostName).
+ */
+export async function openEngine(stateDir: string, host: string | undefined): Promise<Engine> {
+  (await import("../engine/owner.ts")).adoptHostName(stateDir, host);
   const { openSqliteStore } = await import("../store/sqlite.ts");
   const { ensurePredefined } = await import("../engine/networks.ts");
   const engine: Engine = { store: await openSqliteStore(stateDir), stateDir };
@@ -81,9 +109,11 @@ export function checkMac(mac: string): string {
 /**
  * Fault injection for the CNI paths (tests): `KNIT_FAIL_AT=<point>` throws there,
  * `KNIT_CRASH_AT=<point>` kills the process. Points: cni-add:after-connect,
- * cni-add:after-shaping.
+ * cni-add:after-shaping. Read from the invocation's environment (a plugin process with
+ * either set never hands its invocation to the agent), and from the process's own: an agent
+ * started with KNIT_CRASH_AT dies there, half way through an invocation it was handed.
  */
-export function cniFault(point: "cni-add:after-connect" | "cni-add:after-shaping"): void {
-  if (process.env.KNIT_CRASH_AT === point) process.kill(process.pid, "SIGKILL");
-  if (process.env.KNIT_FAIL_AT === point) throw new CniError(CniCodes.internal, `injected failure at ${point}`);
+export function cniFault(point: "cni-add:after-connect" | "cni-add:after-shaping", env: CniEnv): void {
+  if (env.KNIT_CRASH_AT === point || process.env.KNIT_CRASH_AT === point) process.kill(process.pid, "SIGKILL");
+  if (env.KNIT_FAIL_AT === point || process.env.KNIT_FAIL_AT === point) throw new CniError(CniCodes.internal, `injected failure at ${point}`);
 }

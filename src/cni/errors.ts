@@ -63,6 +63,12 @@ const FROM_KNIT: Record<KnitError["code"], number> = {
 /** Anything thrown, as a CniError. */
 export function toCniError(err: unknown): CniError {
   if (err instanceof CniError) return err;
+  // A CniError of another copy of this module (the plugin's client and its full plugin are
+  // two bundles, each with its own): the same error.
+  if (err instanceof Error && err.name === "CniError" && typeof (err as Partial<CniError>).code === "number") {
+    const e = err as CniError;
+    return new CniError(e.code, e.message, typeof e.details === "string" ? e.details : "");
+  }
   if (err instanceof Error && err.name === "KnitError") {
     const k = err as KnitError;
     const retry = k.code === "store" && /too much concurrent change|busy|locked/i.test(k.message);

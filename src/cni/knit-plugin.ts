@@ -23,7 +23,6 @@ import { applyShaping, checkBandwidth, checkShaping, removeShaping, type Shaping
 import { execDelegate } from "./delegate.ts";
 import { mergeResults, type CniDns, type CniResult, type CniRoute } from "./result.ts";
 import { attachmentKey, gcValidSet } from "./gc.ts";
-import { mark } from "./trace.ts";
 import { runAll } from "../errors.ts";
 import { getJson } from "../store/store.ts";
 import { OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Network, type Sandbox } from "../model.ts";
@@ -141,13 +140,13 @@ export async function add(ctx: PluginContext): Promise<CniResult> {
   const dns = rtDns ? checkDnsSettings({ servers: rtDns.servers, search: rtDns.searches, options: rtDns.options }) : undefined;
   const engine = await ctx.engine();
   const net = await resolveNetwork(engine, conf, { create: true });
-  mark("network");
+  ctx.trace.mark("network");
   const driver = drivers[net.driver];
   if (!driver.addressed || !driver.userNetworks) {
     throw new CniError(CniCodes.invalidConfig, `knit network ${net.name} (driver ${net.driver}) cannot be joined by a container`, "name a bridge or macvlan network");
   }
   const delegated = usesKnitIpam(ctx) ? undefined : (conf.ipam?.type ?? "");
-  const ipamResult = delegated ? await execDelegate(delegated, "ADD", inv, ctx.stdin, conf.cniVersion) : undefined;
+  const ipamResult = delegated ? await execDelegate(delegated, "ADD", ctx, conf.cniVersion) : undefined;
   try {
     const statics = staticAddresses(delegated ? delegatedAddresses(ipamResult) : conf.staticIps, net);
     if (statics.ip6 && !net.enableIPv6) throw new CniError(CniCodes.invalidConfig, `static address ${statics.ip6}: network ${net.name} has no IPv6`);
@@ -161,26 +160,26 @@ export async function add(ctx: PluginContext): Promise<CniResult> {
       ...(conf.podName ? { podName: conf.podName } : {}),
       ...(dns && (dns.servers.length || dns.search.length || dns.options.length) ? { dns } : {}),
     });
-    mark("record");
+    ctx.trace.mark("record");
     try {
       const ep = await connectSandbox(engine, net.id, sb, { ifname: inv.ifname, ...statics, ...(mac ? { mac } : {}), ...(aliases.length ? { aliases } : {}) }).catch((err: unknown) => {
         throw explainConnectError(err, inv.ifname, inv.netns);
       });
-      mark("connect");
-      cniFault("cni-add:after-connect");
+      ctx.trace.mark("connect");
+      cniFault("cni-add:after-connect", ctx.env);
       const routes = [...(conf.ipam?.routes ?? []), ...(ipamResult?.routes ?? [])];
       await applyExtras(ctx, engine, { net, ep, sb, routes, shaping });
-      cniFault("cni-add:after-shaping");
-      mark("extras");
+      cniFault("cni-add:after-shaping", ctx.env);
+      ctx.trace.mark("extras");
       const [result] = await Promise.all([buildResult(ctx, net, ep, routes), startDns(engine, net)]);
-      mark("result");
+      ctx.trace.mark("result");
       return result;
     } catch (err) {
       await undoAdd(engine, inv.containerId, inv.ifname);
       throw err;
     }
   } catch (err) {
-    if (delegated) await execDelegate(delegated, "DEL", inv, ctx.stdin, conf.cniVersion).catch(() => undefined);
+    if (delegated) await execDelegate(delegated, "DEL", ctx, conf.cniVersion).catch(() => undefined);
     throw err;
   }
 }
@@ -232,16 +231,16 @@ export async function del(ctx: PluginContext): Promise<void> {
   const sb = await findAttachment(engine, inv.containerId, inv.ifname);
   const steps: (() => Promise<unknown>)[] = [];
   let nets: Network[] = [];
-  mark("lookup");
+  ctx.trace.mark("lookup");
   if (sb) steps.push(async () => (nets = await removeKnitAttachment(engine, sb)));
   const delegated = usesKnitIpam(ctx) ? undefined : (conf.ipam?.type ?? "");
-  if (delegated) steps.push(() => execDelegate(delegated, "DEL", inv, ctx.stdin, conf.cniVersion));
+  if (delegated) steps.push(() => execDelegate(delegated, "DEL", ctx, conf.cniVersion));
   await runAll(`DEL ${inv.containerId} ${inv.ifname}`, steps);
-  mark("remove");
+  ctx.trace.mark("remove");
   if (nets.some(servesDns)) {
     const { stopIdleAgent } = await import("../agent/autostart.ts");
     await stopIdleAgent(engine).catch(() => undefined);
-    mark("agent");
+    ctx.trace.mark("agent");
   }
 }
 
@@ -286,7 +285,7 @@ export async function check(ctx: PluginContext): Promise<void> {
     problems.push(...(await checkShaping(shaping, t.dev, t.ns, ep.id)));
   }
   if (problems.length) throw failed(`container ${inv.containerId} interface ${inv.ifname} is not as ADD left it`, problems.join("; "));
-  if (!usesKnitIpam(ctx)) await execDelegate(conf.ipam?.type ?? "", "CHECK", inv, ctx.stdin, conf.cniVersion);
+  if (!usesKnitIpam(ctx)) await execDelegate(conf.ipam?.type ?? "", "CHECK", ctx, conf.cniVersion);
 }
 
 /** Free dynamic addresses of the network's first pool of a family (an estimate: claims counted). */
@@ -318,7 +317,7 @@ export async function status(ctx: PluginContext): Promise<void> {
   if (net && usesKnitIpam(ctx) && drivers[net.driver].addressed && (await freeAddresses(engine, net)) <= 0n) {
     throw new CniError(CniCodes.notAvailable, `knit network ${ref} has no free IPv4 addresses`, "remove unused containers, or use a network with a larger subnet");
   }
-  if (!usesKnitIpam(ctx)) await execDelegate(conf.ipam?.type ?? "", "STATUS", ctx.inv, ctx.stdin, conf.cniVersion);
+  if (!usesKnitIpam(ctx)) await execDelegate(conf.ipam?.type ?? "", "STATUS", ctx, conf.cniVersion);
 }
 
 /**
@@ -336,7 +335,7 @@ export async function gc(ctx: PluginContext): Promise<void> {
     const { reconcile } = await import("../engine/reconcile.ts");
     await reconcile(engine);
   });
-  if (!usesKnitIpam(ctx)) steps.push(() => execDelegate(conf.ipam?.type ?? "", "GC", ctx.inv, ctx.stdin, conf.cniVersion));
+  if (!usesKnitIpam(ctx)) steps.push(() => execDelegate(conf.ipam?.type ?? "", "GC", ctx, conf.cniVersion));
   await runAll(`GC of CNI network ${conf.name}`, steps);
 }
 

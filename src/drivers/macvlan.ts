@@ -34,7 +34,7 @@
  * and the isolated network's bridge, made once per network, still go through `ip`.
  */
 import { KnitError, conflict, invalid, notFound, runAll } from "../errors.ts";
-import { batchToken, getLink, ip, ipBatch, netnsExists, type LinkInfo } from "../kernel/ip.ts";
+import { batchToken, deleteLink, getLink, ip, ipBatch, netnsExists, type LinkInfo } from "../kernel/ip.ts";
 import { isErrno, rtnl, type LinkKind, type Rtnl } from "../kernel/netlink.ts";
 import { writeSysctlsIn } from "../kernel/sysctl.ts";
 import { formatIp, parseIp, parseIpWithPrefix } from "../net/ip.ts";
@@ -453,9 +453,10 @@ export const macvlanDriver: NetworkDriver = {
       },
       async () => {
         if (!netns || !netnsExists(netns)) return;
-        rtnl(netns, (r) => {
-          if (r.getLink(endpoint.ifname)?.linkinfo?.info_kind === "macvlan") r.deleteLink(endpoint.ifname);
-        });
+        // Through the kernel layer's deleteLink: in the agent (CNI DEL, Docker's
+        // DeleteEndpoint) the kernel's wait for the device to go then holds a worker thread,
+        // not the event loop.
+        if ((await getLink(endpoint.ifname, netns))?.linkinfo?.info_kind === "macvlan") await deleteLink(endpoint.ifname, netns);
       },
     ]);
   },

@@ -86,9 +86,24 @@ export const listAddrs = async (ns?: Netns): Promise<AddrInfo[]> => netlink.list
 
 /**
  * Delete a link: true when it was deleted, false when no link has that name (already gone is
- * fine, also when another process deleted it a moment ago). One netlink request.
+ * fine, also when another process deleted it a moment ago). One netlink request; in a
+ * process that called {@link setLinkDeletionAside}, the same request on a worker thread, or
+ * a child `ip` process ({@link deleteLinkAside}) when those are busy.
  */
-export const deleteLink = async (name: string, ns?: Netns): Promise<boolean> => netlink.deleteLink(name, ns);
+export const deleteLink = async (name: string, ns?: Netns): Promise<boolean> =>
+  deletionAside ? (await import("./link-deleter.ts")).deleteLinkOffLoop(name, ns, deleteLinkAside) : netlink.deleteLink(name, ns);
+
+let deletionAside = false;
+
+/**
+ * From now on, {@link deleteLink} deletes off the event loop (src/kernel/link-deleter.ts).
+ * For a long-running process that serves many callers at once (the agent): the kernel
+ * handles an rtnetlink request inside the sending syscall, so a link deletion's RCU wait
+ * (15-45 ms) would hold the event loop, and every deletion would wait behind the previous one.
+ */
+export function setLinkDeletionAside(on: boolean): void {
+  deletionAside = on;
+}
 
 /**
  * Delete a link in a child `ip` process: like {@link deleteLink}, but the kernel's wait for
