@@ -3,7 +3,11 @@
  * the JUnit report that `bun test --reporter=junit` wrote. Prints the name of every failure,
  * then a last line `N passed, N failed[, N skipped]`. Exits 1 when anything failed.
  *
- *   bun scripts/summary.ts --junit FILE --log FILE --exit CODE [--check NAME=pass|fail]...
+ *   bun scripts/summary.ts [--check NAME=pass|fail]... --junit FILE --log FILE --exit CODE [--label TEXT]
+ *                          [--junit FILE --log FILE --exit CODE [--label TEXT]]...
+ *
+ * Each `--junit` starts one `bun test` run; the `--log`, `--exit` and `--label` after it are
+ * that run's (a label prefixes its test names, to tell a second pass over some files apart).
  *
  * What Bun 1.4.4 writes (checked): `<testsuites>` > one `<testsuite>` per file > nested
  * `<testsuite>` per describe block > `<testcase name classname file line>`, with a
@@ -98,23 +102,34 @@ export function errorsOutsideTests(log: string): number {
   return Math.max(n, unhandled);
 }
 
-interface Args {
-  junit?: string;
+interface Run {
+  junit: string;
   log?: string;
   exit?: number;
+  label?: string;
+}
+
+interface Args {
+  runs: Run[];
   checks: { name: string; ok: boolean }[];
 }
 
 function parseArgs(argv: readonly string[]): Args {
-  const args: Args = { checks: [] };
+  const args: Args = { runs: [], checks: [] };
+  const run = (flag: string): Run => {
+    const last = args.runs[args.runs.length - 1];
+    if (!last) throw new Error(`summary: ${flag} before any --junit`);
+    return last;
+  };
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
     const value = argv[i + 1];
     if (value === undefined) throw new Error(`summary: ${flag ?? "?"} needs a value`);
     i++;
-    if (flag === "--junit") args.junit = value;
-    else if (flag === "--log") args.log = value;
-    else if (flag === "--exit") args.exit = Number(value);
+    if (flag === "--junit") args.runs.push({ junit: value });
+    else if (flag === "--log") run(flag).log = value;
+    else if (flag === "--exit") run(flag).exit = Number(value);
+    else if (flag === "--label") run(flag).label = value;
     else if (flag === "--check") {
       const [name = "", result = ""] = value.split("=");
       if (result !== "pass" && result !== "fail") throw new Error(`summary: --check ${value}: expected NAME=pass or NAME=fail`);
@@ -127,22 +142,24 @@ function parseArgs(argv: readonly string[]): Args {
 function main(): number {
   const args = parseArgs(process.argv.slice(2));
   const results: TestCase[] = args.checks.map((c) => ({ name: c.name, status: c.ok ? "passed" : "failed" }));
-  if (args.junit !== undefined) {
-    const bunExit = args.exit ?? 0;
-    const cases = existsSync(args.junit) ? parseJunit(readFileSync(args.junit, "utf8")) : undefined;
+  for (const run of args.runs) {
+    const bunExit = run.exit ?? 0;
+    const prefix = run.label ? `[${run.label}] ` : "";
+    const cases = existsSync(run.junit) ? parseJunit(readFileSync(run.junit, "utf8")) : undefined;
     if (cases === undefined) {
-      results.push({ name: "bun test", status: "failed", message: `wrote no JUnit report (exit ${bunExit})` });
-    } else {
-      results.push(...cases);
-      const log = args.log !== undefined && existsSync(args.log) ? readFileSync(args.log, "utf8") : "";
-      const outside = errorsOutsideTests(log);
-      for (let i = 0; i < outside; i++) {
-        results.push({ name: `bun test: error outside a test (${i + 1} of ${outside})`, status: "failed", message: "see the output above" });
-      }
-      if (bunExit !== 0 && !results.some((r) => r.status === "failed")) {
-        results.push({ name: "bun test", status: "failed", message: `exited with code ${bunExit}` });
-      }
+      results.push({ name: `${prefix}bun test`, status: "failed", message: `wrote no JUnit report (exit ${bunExit})` });
+      continue;
     }
+    const own = cases.map((c) => ({ ...c, name: `${prefix}${c.name}` }));
+    const log = run.log !== undefined && existsSync(run.log) ? readFileSync(run.log, "utf8") : "";
+    const outside = errorsOutsideTests(log);
+    for (let i = 0; i < outside; i++) {
+      own.push({ name: `${prefix}bun test: error outside a test (${i + 1} of ${outside})`, status: "failed", message: "see the output above" });
+    }
+    if (bunExit !== 0 && !own.some((r) => r.status === "failed")) {
+      own.push({ name: `${prefix}bun test`, status: "failed", message: `exited with code ${bunExit}` });
+    }
+    results.push(...own);
   }
   const failed = results.filter((r) => r.status === "failed");
   const passed = results.filter((r) => r.status === "passed").length;
