@@ -28,6 +28,7 @@ import { KnitError, invalid, notFound } from "../errors.ts";
 import { checkEndpoint } from "./open.ts";
 import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
 import { checkLimit } from "./store.ts";
+import { ResumingWatch } from "./etcd-watch.ts";
 
 /** Root prefix of knit's keys in etcd, unless configured (the same as EtcdStore's). */
 export const DEFAULT_ETCD_PREFIX = "/knit/";
@@ -223,8 +224,8 @@ export class EtcdHttpStore implements Store {
   }
 
   /** @internal Forgets a closed watch. */
-  dropWatch(watch: HttpWatch): void {
-    this.watches.delete(watch);
+  dropWatch(watch: ResumingWatch): void {
+    if (watch instanceof HttpWatch) this.watches.delete(watch);
   }
 
   /** @internal */
@@ -348,34 +349,24 @@ export class EtcdHttpStore implements Store {
 }
 
 /** One watch: one streaming POST to /v3/watch, made again after a failure from where it was. */
-class HttpWatch implements Watch {
+class HttpWatch extends ResumingWatch {
   private abort: AbortController | undefined;
-  /** The first revision not yet delivered; 0 = "from now" until the watch is created. */
-  private next: number;
-  private closed = false;
-  private failingSince: number | undefined;
-  private pause = 100;
-  private timer: ReturnType<typeof setTimeout> | undefined;
   /** Bumped on every (re)connect: events of an older stream are ignored. */
   private generation = 0;
 
   constructor(
     private readonly store: EtcdHttpStore,
     private readonly range: { key: string; range_end: string },
-    private readonly prefix: string,
+    prefix: string,
     fromRevision: number,
-    private readonly handlers: WatchHandlers,
+    handlers: WatchHandlers,
   ) {
-    this.next = fromRevision > 0 ? fromRevision : 0;
+    super(store, prefix, fromRevision, handlers);
   }
 
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    clearTimeout(this.timer);
+  protected stopStream(): void {
     this.abort?.abort();
     this.abort = undefined;
-    this.store.dropWatch(this);
   }
 
   connect(): void {
@@ -442,46 +433,21 @@ class HttpWatch implements Watch {
       return false;
     }
     if (res.canceled) throw new GatewayError(200, 0, `watch canceled by etcd: ${res.cancel_reason ?? "no reason given"}`);
-    if (res.created) {
-      this.failingSince = undefined;
-      this.pause = 100;
-      if (this.next === 0) this.next = Number(res.header?.revision ?? 0) + 1;
-    }
-    const events: WatchEvent[] = (res.events ?? []).map((e) => {
-      const base = { key: this.store.storeKey(e.kv.key), modRevision: Number(e.kv.mod_revision ?? 0) };
-      return e.type === "DELETE" ? { type: "delete", ...base } : { type: "put", ...base, value: Buffer.from(e.kv.value ?? "", "base64").toString("utf8") };
-    });
-    const last = events.at(-1);
-    if (last === undefined) return true;
-    this.next = last.modRevision + 1;
-    this.handlers.onEvents(events);
+    if (res.created) this.created(Number(res.header?.revision ?? 0));
+    this.deliver(
+      (res.events ?? []).map((e): WatchEvent => {
+        const base = { key: this.store.storeKey(e.kv.key), modRevision: Number(e.kv.mod_revision ?? 0) };
+        return e.type === "DELETE" ? { type: "delete", ...base } : { type: "put", ...base, value: Buffer.from(e.kv.value ?? "", "base64").toString("utf8") };
+      }),
+    );
     return !this.closed;
   }
 
-  private compacted(compactRevision: number): void {
-    const from = this.next;
-    this.close();
-    const report = (revision: number): void => {
-      if (this.handlers.onCompacted) this.handlers.onCompacted(revision);
-      else this.handlers.onError?.(new KnitError("store", `watch on ${this.prefix} from revision ${from}: history compacted (at ${compactRevision})`));
-    };
-    this.store.currentRevision().then(report, (err: unknown) => this.handlers.onError?.(this.store.storeError(`watch on ${this.prefix}`, err)));
-  }
-
+  /** The stream failed (a stream already replaced is ignored); an unreachable member is left. */
   private lost(generation: number, err: unknown): void {
     if (this.closed || generation !== this.generation) return;
-    this.abort?.abort();
-    this.abort = undefined;
     if (isUnreachable(err)) this.store.failedOver();
-    const now = Date.now();
-    this.failingSince ??= now;
-    if (now - this.failingSince >= this.store.watchGraceMs || this.store.isClosed()) {
-      this.close();
-      this.handlers.onError?.(this.store.storeError(`watch on ${this.prefix}`, err));
-      return;
-    }
-    this.timer = setTimeout(() => this.connect(), this.pause);
-    this.pause = Math.min(this.pause * 2, 1000);
+    this.retryOrGiveUp(err);
   }
 }
 

@@ -46,6 +46,7 @@ import { checkEndpoint } from "./open.ts";
 import { DEFAULT_ETCD_PREFIX, isLeaseId, prefixEnd } from "./etcd-http.ts";
 import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
 import { checkLimit } from "./store.ts";
+import { ResumingWatch } from "./etcd-watch.ts";
 
 export { DEFAULT_ETCD_PREFIX };
 /** Deadline of one store call, all retries included. */
@@ -219,8 +220,13 @@ export class EtcdStore implements Store {
   }
 
   /** @internal Forgets a closed watch. */
-  dropWatch(watch: EtcdWatch): void {
-    this.watches.delete(watch);
+  dropWatch(watch: ResumingWatch): void {
+    if (watch instanceof EtcdWatch) this.watches.delete(watch);
+  }
+
+  /** @internal */
+  isClosed(): boolean {
+    return this.closed;
   }
 
   /** @internal Store key of an etcd key (the root prefix removed). */
@@ -311,32 +317,22 @@ export class EtcdStore implements Store {
  * One watch: a Watch stream with one watcher on it, recreated after a failure from the
  * revision after the last delivered event.
  */
-class EtcdWatch implements Watch {
+class EtcdWatch extends ResumingWatch {
   private stream: WatchStream | undefined;
-  /** The first revision not yet delivered; 0 = "from now" until the watch is created. */
-  private next: number;
-  private closed = false;
-  private failingSince: number | undefined;
-  private pause = 100;
-  private timer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(
     private readonly store: EtcdStore,
     private readonly range: { key: Buffer; range_end: Buffer },
-    private readonly prefix: string,
+    prefix: string,
     fromRevision: number,
-    private readonly handlers: WatchHandlers,
+    handlers: WatchHandlers,
   ) {
-    this.next = fromRevision > 0 ? fromRevision : 0;
+    super(store, prefix, fromRevision, handlers);
   }
 
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    clearTimeout(this.timer);
+  protected stopStream(): void {
     if (this.stream) endStream(this.stream);
     this.stream = undefined;
-    this.store.dropWatch(this);
   }
 
   /** Opens a stream and asks for the watcher; failures go to {@link EtcdWatch.lost}. */
@@ -358,43 +354,14 @@ class EtcdWatch implements Watch {
     if (this.closed || stream !== this.stream) return;
     if (res.compact_revision !== "0") return this.compacted(Number(res.compact_revision));
     if (res.canceled) return this.lost(stream, new Error(`watch canceled by etcd: ${res.cancel_reason || "no reason given"}`));
-    if (res.created) {
-      this.failingSince = undefined;
-      this.pause = 100;
-      if (this.next === 0) this.next = Number(res.header.revision) + 1;
-    }
-    const events = res.events.map((event) => this.toWatchEvent(event));
-    const last = events.at(-1);
-    if (last === undefined) return;
-    this.next = last.modRevision + 1;
-    this.handlers.onEvents(events);
+    if (res.created) this.created(Number(res.header.revision));
+    this.deliver(res.events.map((event) => this.toWatchEvent(event)));
   }
 
-  /** The start revision was compacted: report the current revision, then close. */
-  private compacted(compactRevision: number): void {
-    const from = this.next;
-    this.close();
-    const report = (revision: number): void => {
-      if (this.handlers.onCompacted) this.handlers.onCompacted(revision);
-      else this.handlers.onError?.(new KnitError("store", `watch on ${this.prefix} from revision ${from}: history compacted (at ${compactRevision})`));
-    };
-    this.store.currentRevision().then(report, (err: unknown) => this.handlers.onError?.(this.store.storeError(`watch on ${this.prefix}`, err)));
-  }
-
-  /** The stream failed: reconnect after a pause, or give up once the grace period is over. */
+  /** The stream failed (events of a stream already replaced are ignored). */
   private lost(stream: WatchStream | undefined, err: unknown): void {
     if (this.closed || stream !== this.stream) return;
-    if (stream) endStream(stream);
-    this.stream = undefined;
-    const now = Date.now();
-    this.failingSince ??= now;
-    if (now - this.failingSince >= this.store.watchGraceMs) {
-      this.close();
-      this.handlers.onError?.(this.store.storeError(`watch on ${this.prefix}`, err));
-      return;
-    }
-    this.timer = setTimeout(() => this.connect(), this.pause);
-    this.pause = Math.min(this.pause * 2, 1000);
+    this.retryOrGiveUp(err);
   }
 
   private toWatchEvent(event: IEvent): WatchEvent {
