@@ -20,7 +20,7 @@ import { Lab, type LabHost, type LabNode } from "../src/lab/lab.ts";
 import { launcherScript } from "../src/cli/install.ts";
 import { processStartTime } from "../src/engine/owner.ts";
 import { assertHostClean } from "./leaks.ts";
-import { CniCallError, CniRuntime, type RuntimeConf } from "./cni-libcni.ts";
+import { CniRuntime, failure, type RuntimeConf } from "./cni-libcni.ts";
 import { cniAgentRecord, cniTrace, container, endpointClaims, firstAddress, ifaceAddrs, installCni, knitList, links, startCniAgent, stopCniAgent, storeKeys } from "./cni-lab.ts";
 
 setDefaultTimeout(120_000);
@@ -103,16 +103,6 @@ async function expectNothingLeft(...containers: LabNode[]): Promise<void> {
 async function agentRan(): Promise<number> {
   const health = JSON.parse((await h.knitOk(["agent", "status"])).stdout) as { cni: { ran: number } };
   return health.cni.ran;
-}
-
-/** The error a call fails with (the test fails when it succeeds). */
-async function failure(p: Promise<unknown>): Promise<CniCallError> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!(err instanceof CniCallError)) throw new Error(`expected a CNI error, got ${err === undefined ? "success" : err instanceof Error ? err.message : JSON.stringify(err)}`);
-  return err;
 }
 
 describe("handed to the agent", () => {

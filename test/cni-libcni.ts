@@ -53,6 +53,16 @@ export class CniCallError extends Error {
   }
 }
 
+/** The error a call fails with (the test fails when it succeeds or fails otherwise). */
+export async function failure(p: Promise<unknown>): Promise<CniCallError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (!(err instanceof CniCallError)) throw new Error(`expected a CNI error, got ${err === undefined ? "success" : err instanceof Error ? err.message : JSON.stringify(err)}`);
+  return err;
+}
+
 /** One invocation, as recorded for tests that look at what was sent. */
 export interface CallRecord {
   plugin: string;

@@ -14,7 +14,7 @@ import { existsSync, lstatSync, readFileSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { Lab, type LabHost, type LabNode } from "../src/lab/lab.ts";
 import { assertHostClean } from "./leaks.ts";
-import { CniCallError, type CniRuntime } from "./cni-libcni.ts";
+import { CniCallError, failure, type CniRuntime } from "./cni-libcni.ts";
 import { agentMode, container, endpointClaims, firstAddress, ifaceAddrs, installCni, knitList, links, runtimeOn, startCniAgent, stopCniAgent, storeKeys } from "./cni-lab.ts";
 
 setDefaultTimeout(120_000);
@@ -153,16 +153,6 @@ describe("one network, any runtime", () => {
     await expectNoAttachments();
   });
 });
-
-/** The error a call fails with (the test fails when it succeeds). */
-async function failure(p: Promise<unknown>): Promise<CniCallError> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!(err instanceof CniCallError)) throw new Error(`expected a CNI error, got ${err === undefined ? "success" : err instanceof Error ? err.message : JSON.stringify(err)}`);
-  return err;
-}
 
 describe("result formats", () => {
   for (const version of ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]) {
