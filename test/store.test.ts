@@ -21,6 +21,9 @@ afterAll(() => {
 
 const suiteDir = freshDir();
 runStoreSuite("sqlite", () => openSqliteStore(suiteDir), async () => rmSync(suiteDir, { recursive: true, force: true }));
+// Where inotify is unavailable, watches poll instead: the same suite on that path.
+const pollDir = freshDir();
+runStoreSuite("sqlite, watches polling (no change notifications)", () => openSqliteStore(pollDir, { changeNotifications: false }), async () => rmSync(pollDir, { recursive: true, force: true }));
 
 describe("SqliteStore", () => {
   test("describe names the database file", async () => {

@@ -8,24 +8,32 @@
  *   first read, so a txn's compares and ops see and change one state. Waiting is SQLite's
  *   busy_timeout; a SQLITE_BUSY that still escapes is retried with jitter.
  * - One store-wide revision (a `meta` row) is bumped once per write txn that changes anything,
- *   as in etcd. Each change is appended to `events`, which watches poll: SQLite cannot notify
- *   other processes. History is bounded by compacting automatically past HISTORY revisions.
+ *   as in etcd. Each change is appended to `events`, which watches read: SQLite cannot notify
+ *   other processes, but every commit writes the WAL file, so an inotify watch on the
+ *   database's directory wakes them at once (with a slow poll as a safety net, and a fast one
+ *   where inotify is unavailable). History is bounded by compacting past HISTORY revisions.
  * - Leases expire lazily: every operation and every watch poll first revokes expired leases,
  *   deleting their keys through ordinary delete events.
  * Where the interface leaves room, etcd decides: a value compare on a missing key is false,
  * deleting a missing key changes nothing, and a watch from revision <= 0 starts "now".
  */
 import { Database, SQLiteError } from "bun:sqlite";
-import { mkdirSync } from "node:fs";
-import { join } from "node:path";
+import { mkdirSync, watch as watchDir, type FSWatcher } from "node:fs";
+import { basename, dirname, join } from "node:path";
 import { KnitError, invalid, notFound } from "../errors.ts";
 import type { Compare, CompareOp, KeyValue, ListOptions, ListResult, Op, Store, TxnResult, Watch, WatchEvent, WatchHandlers } from "./store.ts";
 import { checkLimit } from "./store.ts";
 
 /** Revisions of history kept for watches before automatic compaction. */
 const HISTORY = 10_000;
-/** How often a watch polls the events table. */
+/** How often a watch polls the events table when no change notification wakes it. */
 const POLL_MS = 25;
+/**
+ * How often it polls when a change notification (inotify on the database's directory: every
+ * commit, by any process, writes the WAL file) wakes it at once: only a safety net, and
+ * the pace at which expired leases are noticed without writes.
+ */
+const POLL_NOTIFIED_MS = 250;
 /** SQLite's own wait for a lock, per statement. */
 const BUSY_TIMEOUT_MS = 10_000;
 /** Give up retrying a busy database after this long. */
@@ -55,15 +63,26 @@ type EventsRead = { readonly revision: number; readonly compacted: number; reado
 export class SqliteStore implements Store {
   /** `sqlite:<path of the database file>`. */
   readonly describe: string;
-  private readonly watches = new Set<() => void>();
+  /** Open watches: their close, and what wakes them. */
+  private readonly watches = new Map<() => void, () => void>();
   private closed = false;
+  private readonly dir: string;
+  private readonly file: string;
+  /** Change notifications for the database's directory, while watches are open. */
+  private notifier: FSWatcher | undefined;
+  private notifierFailed = false;
 
   /** Wraps an initialised database; use {@link openSqliteStore} instead. */
   constructor(
     private readonly db: Database,
     path: string,
+    /** Wake watches by inotify (false: poll at POLL_MS, as where inotify is unavailable). */
+    changeNotifications = true,
   ) {
     this.describe = `sqlite:${path}`;
+    this.dir = dirname(path);
+    this.file = basename(path);
+    this.notifierFailed = !changeNotifications;
   }
 
   async get(key: string): Promise<KeyValue | undefined> {
@@ -102,20 +121,29 @@ export class SqliteStore implements Store {
   }
 
   /**
-   * Polls every POLL_MS; the timer does not keep the process alive. Without an onCompacted
-   * handler, compaction is reported through onError. Handlers must not throw.
+   * Reads new events when a commit to the database is noticed (inotify on its directory),
+   * and every POLL_NOTIFIED_MS besides; every POLL_MS where notifications are unavailable.
+   * Neither keeps the process alive. Without an onCompacted handler, compaction is reported
+   * through onError. Handlers must not throw.
    */
   watch(prefix: string, fromRevision: number, handlers: WatchHandlers): Watch {
     this.ensureOpen();
     let next = fromRevision > 0 ? fromRevision : this.meta("revision") + 1;
     let polling = false;
+    /** A wake-up came during a poll: poll again after it (the commit may be newer). */
+    let again = false;
     const close = (): void => {
       clearInterval(timer);
       this.watches.delete(close);
+      if (this.watches.size === 0) this.stopNotifier();
     };
     const poll = async (): Promise<void> => {
-      if (polling) return;
+      if (polling) {
+        again = true;
+        return;
+      }
       polling = true;
+      again = false;
       let read: EventsRead;
       try {
         await this.expireLeases();
@@ -138,11 +166,40 @@ export class SqliteStore implements Store {
       }
       next = Math.max(next, read.revision + 1);
       if (read.events.length > 0) handlers.onEvents(read.events);
+      if (again && this.watches.has(close)) void poll();
     };
-    const timer = setInterval(() => void poll(), POLL_MS);
+    const timer = setInterval(() => void poll(), this.startNotifier() ? POLL_NOTIFIED_MS : POLL_MS);
     timer.unref();
-    this.watches.add(close);
+    this.watches.set(close, () => void poll());
     return { close };
+  }
+
+  /** Wake the watches at every change of the database's files; false when unavailable. */
+  private startNotifier(): boolean {
+    if (this.notifier) return true;
+    if (this.notifierFailed) return false;
+    try {
+      const notifier = watchDir(this.dir, { persistent: false }, (_event, name) => {
+        if (typeof name === "string" && !name.startsWith(this.file)) return;
+        for (const wake of this.watches.values()) wake();
+      });
+      // Broken later (the directory went): the watches go on at POLL_NOTIFIED_MS.
+      notifier.on("error", () => {
+        this.notifierFailed = true;
+        this.stopNotifier();
+      });
+      this.notifier = notifier;
+      return true;
+    } catch {
+      // No inotify here (or its limits are reached): poll at POLL_MS.
+      this.notifierFailed = true;
+      return false;
+    }
+  }
+
+  private stopNotifier(): void {
+    this.notifier?.close();
+    this.notifier = undefined;
   }
 
   async grantLease(ttlSeconds: number): Promise<string> {
@@ -177,7 +234,7 @@ export class SqliteStore implements Store {
   /** Stops every watch and closes the database; later calls fail with a "store" error. */
   async close(): Promise<void> {
     if (this.closed) return;
-    for (const closeWatch of [...this.watches]) closeWatch();
+    for (const closeWatch of [...this.watches.keys()]) closeWatch();
     this.closed = true;
     this.db.close();
   }
@@ -309,14 +366,14 @@ export class SqliteStore implements Store {
  * Open (creating if needed) the store in `dir/knit.db`. Safe to call from many processes at
  * once on the same directory.
  */
-export async function openSqliteStore(dir: string): Promise<SqliteStore> {
+export async function openSqliteStore(dir: string, opts: { changeNotifications?: boolean } = {}): Promise<SqliteStore> {
   const path = join(dir, "knit.db");
   let db: Database | undefined;
   try {
     mkdirSync(dir, { recursive: true });
     db = new Database(path, { create: true, strict: true });
     await initialise(db);
-    return new SqliteStore(db, path);
+    return new SqliteStore(db, path, opts.changeNotifications ?? true);
   } catch (err) {
     db?.close();
     throw new KnitError("store", `cannot open ${path}: ${errorMessage(err)}`, { cause: err, hint: `check that ${dir} is a writable local directory` });
