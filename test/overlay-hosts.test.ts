@@ -317,7 +317,12 @@ describe.skipIf(missing !== undefined)("internal overlay DNS and knit host rm", 
     await c.knitOk(h1, ["network", "rm", "hnet"]);
   });
 
-  test("a live host removed with -f stays out until its agent starts again", async () => {
+  test("a live host removed with -f stays out until its agent starts again, and its agent removes what the store forgot", async () => {
+    await c.knitOk(h2, ["network", "create", "--subnet", "10.92.0.0/24", "h2local"]);
+    await c.knitOk(h2, ["run", "-d", "--name", "l2", "--network", "h2local", "--", "sleep", "3600"]);
+    const l2 = await c.sandbox(h2, "l2");
+    const l2ns = `/run/netns/knit-${l2.id.slice(0, 12)}`;
+    expect(existsSync(l2ns)).toBe(true);
     expect(await c.knitOk(h1, ["host", "rm", "-f", "h2"])).toBe("h2");
     expect(await c.store.get(keys.host("h2"))).toBeUndefined();
     // Its agent renews every TTL/3 (3.3 s): it finds the eviction instead of registering again.
@@ -328,6 +333,13 @@ describe.skipIf(missing !== undefined)("internal overlay DNS and knit host rm", 
     expect(status.cluster.host.evicted).toContain('"by":"h1"');
     expect(status.status).toBe("degraded");
     expect((await c.knitOk(h1, ["host", "ls", "-q"])).split("\n")).toEqual(["h1", "h3"]);
+    // The evicted agent took down what the removal freed: the sandbox (process, namespace,
+    // directory), its veth and the local network's bridge.
+    expect(await waitFor(async () => !existsSync(l2ns), 10_000)).toBe(true);
+    expect(existsSync(join(h2.host.stateDir, "sandboxes", l2.id))).toBe(false);
+    expect(await c.knitOk(h2, ["ps", "-aq"])).toBe("");
+    const h2links = JSON.parse((await h2.host.exec(["ip", "-j", "link"])).stdout) as { ifname: string }[];
+    expect(h2links.map((l) => l.ifname).filter((n) => /^(br-|veth)/.test(n))).toEqual([]);
     // Overlay commands on h2 say why they fail.
     await c.knitOk(h1, ["network", "create", "-d", "overlay", "--subnet", "10.93.0.0/24", "enet"]);
     const refused = await c.knit(h2, ["run", "-d", "--name", "e2", "--network", "enet", "--", "sleep", "10"]);

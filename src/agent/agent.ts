@@ -229,7 +229,12 @@ class Agent {
     this.registration = new HostRegistration(this.engine.store, record, (event, err) => {
       if (event === "registered") this.log.info("host registered", { host: record.name, address: record.address, device: record.device, mtu: record.mtu, ttl: record.ttl });
       else if (event === "lost") this.log.warn("host lease expired; registering again", { host: record.name });
-      else if (event === "evicted") this.log.error("this host was removed from the cluster (knit host rm -f): no longer registering; restart the agent to join again", { host: record.name });
+      else if (event === "evicted") {
+        this.log.error("this host was removed from the cluster (knit host rm -f): no longer registering, removing what the store no longer has here; restart the agent to join again", { host: record.name });
+        // As after a restart: the sandboxes, links and rules the removal freed in the store go
+        // from the kernel too (a force-removed node stops its containers, as with Docker).
+        void this.reconcileNow("after the eviction");
+      }
       else this.log.warn("cannot renew the host lease", { err });
       // Back after a loss: whatever changed meanwhile is found by a full round.
       if (event === "registered") this.overlay?.requestFull();
@@ -255,6 +260,16 @@ class Agent {
    * Stop serving; `idle`: an auto-started agent that found itself not needed, which starts a
    * successor when a sandbox came to need one while it stopped (as stopIdleAgent does).
    */
+  /** Reconcile store and kernel now (`knit gc`), logging the report. */
+  private async reconcileNow(why: string): Promise<void> {
+    try {
+      const report = await reconcile(this.engine);
+      this.log.info(`reconciled ${why}`, { ...report });
+    } catch (err) {
+      this.log.error(`reconcile ${why} failed`, { err });
+    }
+  }
+
   async stop(idle = false): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
