@@ -14,7 +14,7 @@
  */
 import { writeSync } from "node:fs";
 import { Rcode, RecordType, buildReply, parseQuery, udpLimit, type Answer } from "./packet.ts";
-import { tryParseIp } from "../net/ip.ts";
+import { ipToBytes, tryParseIp } from "../net/ip.ts";
 
 /** What the stub server knows and how it behaves. */
 export interface StubZone {
@@ -26,10 +26,7 @@ export interface StubZone {
 function addressAnswer(ip: string): Answer {
   const parsed = tryParseIp(ip);
   if (!parsed) throw new Error(`not an address: ${ip}`);
-  const n = parsed.family === 4 ? 4 : 16;
-  const rdata = new Uint8Array(n);
-  for (let i = 0, v = parsed.value; i < n; i++, v >>= 8n) rdata[n - 1 - i] = Number(v & 0xffn);
-  return { type: parsed.family === 4 ? RecordType.A : RecordType.AAAA, ttl: 60, rdata };
+  return { type: parsed.family === 4 ? RecordType.A : RecordType.AAAA, ttl: 60, rdata: ipToBytes(parsed) };
 }
 
 /** The reply of the stub zone to one packet (undefined: stay silent). */

@@ -25,7 +25,7 @@
  */
 import { hostName } from "../engine/owner.ts";
 import { GW_BRIDGE_NETWORK, OVERLAY_DNS_ADDRESS, type Endpoint, type HostRecord, type Network, type Sandbox } from "../model.ts";
-import { cidrContains, parseCidr, tryParseIp, formatIp, type Cidr } from "../net/ip.ts";
+import { cidrContains, ipToBytes, parseCidr, tryParseIp, formatIp, type Cidr } from "../net/ip.ts";
 import { encodeName } from "./packet.ts";
 import { servesDns } from "./resolvconf.ts";
 
@@ -101,15 +101,7 @@ export function reverseName(addr: string): string | undefined {
 /** Record data of an address: 4 or 16 bytes. */
 function addressBytes(addr: string): { family: 4 | 6; bytes: Uint8Array } | undefined {
   const ip = tryParseIp(addr);
-  if (!ip) return undefined;
-  const n = ip.family === 4 ? 4 : 16;
-  const bytes = new Uint8Array(n);
-  let v = ip.value;
-  for (let i = n - 1; i >= 0; i--) {
-    bytes[i] = Number(v & 0xffn);
-    v >>= 8n;
-  }
-  return { family: ip.family, bytes };
+  return ip ? { family: ip.family, bytes: ipToBytes(ip) } : undefined;
 }
 
 const parseJson = <T>(value: string): T | undefined => {

@@ -18,7 +18,7 @@
  * r.addAddress(...); })`. The callback is synchronous (see netlink-socket.ts for why).
  */
 import { KnitError, invalid } from "../errors.ts";
-import { formatIp, parseIpWithPrefix, tryParseIp, type Ip } from "../net/ip.ts";
+import { formatIp, ipToBytes, parseIpWithPrefix, tryParseIp, type Ip } from "../net/ip.ts";
 import type { Netns } from "./exec.ts";
 import type { AddrInfo, LinkInfo, RouteInfo } from "./ip.ts";
 import {
@@ -166,18 +166,6 @@ export function parseMac(mac: string): Uint8Array {
 /** Bytes to "aa:bb:..." (lower case, two digits each), as iproute2 prints link addresses. */
 export function formatMac(bytes: Uint8Array): string {
   return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join(":");
-}
-
-/** An address's bytes in network order. */
-function ipBytes(ip: Ip): Uint8Array {
-  const n = ip.family === 4 ? 4 : 16;
-  const out = new Uint8Array(n);
-  let v = ip.value;
-  for (let i = n - 1; i >= 0; i--) {
-    out[i] = Number(v & 0xffn);
-    v >>= 8n;
-  }
-  return out;
 }
 
 /** Network-order bytes as text, the way inet_ntop (and so iproute2) writes them. */
@@ -593,7 +581,7 @@ export class Rtnl {
     const { ip, prefix } = parseIpWithPrefix(cidr);
     const index = this.index(dev);
     const ifaFlags = opts.nodad ? IFA_F_NODAD : 0;
-    const bytes = ipBytes(ip);
+    const bytes = ipToBytes(ip);
     const req = new NlRequest(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | (opts.replace ? NLM_F_REPLACE : NLM_F_EXCL)).struct(8, (v, at) => {
       v.setUint8(at, family(ip));
       v.setUint8(at + 1, prefix);
@@ -627,11 +615,11 @@ export class Rtnl {
       v.setUint8(at + 7, RTN_UNICAST);
       v.setUint32(at + 8, route.onlink ? RTNH_F_ONLINK : 0, HOST_LE);
     });
-    if (dst) req.attr(RTA_DST, ipBytes(dst.ip));
-    if (gw) req.attr(RTA_GATEWAY, ipBytes(gw));
+    if (dst) req.attr(RTA_DST, ipToBytes(dst.ip));
+    if (gw) req.attr(RTA_GATEWAY, ipToBytes(gw));
     req.u32(RTA_OIF, index);
     if (route.metric !== undefined) req.u32(RTA_PRIORITY, route.metric);
-    if (src) req.attr(RTA_PREFSRC, ipBytes(src));
+    if (src) req.attr(RTA_PREFSRC, ipToBytes(src));
     const text = `${route.dst}${route.gateway ? ` via ${route.gateway}` : ""} dev ${route.dev}${route.metric !== undefined ? ` metric ${route.metric}` : ""}${route.src ? ` src ${route.src}` : ""}`;
     this.#sock.exchange(req, `cannot ${route.replace ? "replace" : "add"} route ${text}${this.#where}`);
   }
@@ -656,7 +644,7 @@ export class Rtnl {
       v.setUint8(at + 4, RT_TABLE_MAIN);
       v.setUint8(at + 6, RT_SCOPE_NOWHERE);
     });
-    req.attr(RTA_DST, ipBytes(dst)).u32(RTA_OIF, index);
+    req.attr(RTA_DST, ipToBytes(dst)).u32(RTA_OIF, index);
     try {
       this.#sock.exchange(req, `cannot delete route ${route.dst} dev ${route.dev}${this.#where}`);
       return true;

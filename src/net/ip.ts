@@ -78,6 +78,18 @@ export function parseIp(s: string, what = "address"): Ip {
   return ip;
 }
 
+/** An address's bytes in network order: 4 for IPv4, 16 for IPv6 (netlink attributes, DNS record data). */
+export function ipToBytes(ip: Ip): Uint8Array {
+  const n = ip.family === 4 ? 4 : 16;
+  const out = new Uint8Array(n);
+  let v = ip.value;
+  for (let i = n - 1; i >= 0; i--) {
+    out[i] = Number(v & 0xffn);
+    v >>= 8n;
+  }
+  return out;
+}
+
 /** Print an address in its canonical text form (RFC 5952 for IPv6). */
 export function formatIp(ip: Ip): string {
   if (ip.family === 4) {
