@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { defineCommand, parseArgs, renderHelp } from "../src/cli/args.ts";
-import { KnitError } from "../src/errors.ts";
+import { thrownKnitError } from "./thrown.ts";
 
 const create = defineCommand({
   name: "network create",
@@ -32,16 +32,6 @@ const run = defineCommand({
   ],
 });
 
-/** The KnitError a call throws (fails the test when it does not throw one). */
-function failure(fn: () => unknown): KnitError {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof KnitError) return err;
-    throw err;
-  }
-  throw new Error("expected a KnitError");
-}
 
 describe("parseArgs", () => {
   test("defaults and types", () => {
@@ -125,7 +115,7 @@ describe("parseArgs", () => {
     expect(parseArgs(create, ["-h", "--bogus"]).help).toBe(true);
     expect(parseArgs(create, ["-fh"]).help).toBe(true);
     expect(parseArgs(run, ["--help"]).help).toBe(true);
-    expect(failure(() => parseArgs(run, ["-h"])).message).toBe("flag needs an argument: 'h' in -h");
+    expect(thrownKnitError(() => parseArgs(run, ["-h"])).message).toBe("flag needs an argument: 'h' in -h");
   });
 
   test("errors", () => {
@@ -144,7 +134,7 @@ describe("parseArgs", () => {
       [["a", "b"], '"knit network create" requires exactly 1 argument.'],
     ];
     for (const [argv, message] of cases) {
-      const err = failure(() => parseArgs(create, argv));
+      const err = thrownKnitError(() => parseArgs(create, argv));
       expect(err.code).toBe("invalid-argument");
       expect(err.message).toBe(message);
       expect(err.hint).toBe("See 'knit network create --help'.");
@@ -153,7 +143,7 @@ describe("parseArgs", () => {
 
   test("argument count messages", () => {
     const spec = (args: { min?: number; max?: number }) => ({ name: "x", summary: "", flags: [], args });
-    const msg = (args: { min?: number; max?: number }, argv: string[]) => failure(() => parseArgs(spec(args), argv)).message;
+    const msg = (args: { min?: number; max?: number }, argv: string[]) => thrownKnitError(() => parseArgs(spec(args), argv)).message;
     expect(msg({ max: 0 }, ["a"])).toBe('"knit x" accepts no arguments.');
     expect(msg({ min: 1 }, [])).toBe('"knit x" requires at least 1 argument.');
     expect(msg({ min: 2 }, [])).toBe('"knit x" requires at least 2 arguments.');
@@ -163,11 +153,11 @@ describe("parseArgs", () => {
 
   test("bad specs are bugs", () => {
     const dup = { name: "x", summary: "", flags: [{ name: "a", kind: "bool", help: "" }, { name: "a", kind: "bool", help: "" }] } as const;
-    expect(failure(() => defineCommand(dup)).code).toBe("internal");
+    expect(thrownKnitError(() => defineCommand(dup)).code).toBe("internal");
     const help = { name: "x", summary: "", flags: [{ name: "help", kind: "bool", help: "" }] } as const;
-    expect(failure(() => parseArgs(help, [])).code).toBe("internal");
+    expect(thrownKnitError(() => parseArgs(help, [])).code).toBe("internal");
     const short = { name: "x", summary: "", flags: [{ name: "a", short: "ab", kind: "bool", help: "" }] } as const;
-    expect(failure(() => parseArgs(short, [])).code).toBe("internal");
+    expect(thrownKnitError(() => parseArgs(short, [])).code).toBe("internal");
   });
 });
 

@@ -15,8 +15,8 @@ import { Lab, type LabHost, type LabNode, type NetnsRef } from "../src/lab/lab.t
 import { getLink, listAddrs, listLinks, listRoutes, rtnl, deleteLink, isErrno, NetlinkError, type MacvlanModeName } from "../src/kernel/netlink.ts";
 import { writeSysctlsIn } from "../src/kernel/sysctl.ts";
 import { execStats } from "../src/kernel/exec.ts";
-import { KnitError } from "../src/errors.ts";
 import { assertNoLeaks } from "./leaks.ts";
+import { thrownKnitError } from "./thrown.ts";
 
 setDefaultTimeout(60_000);
 
@@ -63,16 +63,6 @@ function sameFields(mine: object, ip: Json, skip: readonly string[] = []): void 
 
 const linkNames = async (node: NetnsRef): Promise<string[]> => (await ipj<{ ifname: string }>(node, ["link", "show"])).map((l) => l.ifname).sort();
 
-/** The NetlinkError (or KnitError) a call throws. */
-function failure(fn: () => unknown): KnitError {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof KnitError) return err;
-    throw err;
-  }
-  throw new Error("expected the call to fail");
-}
 
 beforeAll(async () => {
   home = readlinkSync("/proc/thread-self/ns/net");
@@ -318,17 +308,17 @@ describe("macvlan devices, routes with a source, parameters of another namespace
     await s.exec(["ip", "link", "add", "eth0", "type", "ifb"]);
     const make = (name: string, mode: MacvlanModeName, mtu?: number) => () =>
       rtnl(h.netns, (r) => r.createLink(name, { kind: "macvlan", parent: "par0", mode, netns: s.netns }, mtu === undefined ? {} : { mtu }));
-    const noParent = failure(() => rtnl(h.netns, (r) => r.createLink("eth1", { kind: "macvlan", parent: "nosuch0", mode: "bridge", netns: s.netns })));
+    const noParent = thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("eth1", { kind: "macvlan", parent: "nosuch0", mode: "bridge", netns: s.netns })));
     expect(noParent.message).toBe(`no interface nosuch0 in ${h.path}: No such device (ENODEV)`);
-    const dup = failure(make("eth0", "bridge"));
+    const dup = thrownKnitError(make("eth0", "bridge"));
     expect(dup.message).toStartWith(`cannot create macvlan eth0 in ${s.path} on par0 in ${h.path}: File exists (EEXIST)`);
-    const mtu = failure(make("eth1", "bridge", 9000));
+    const mtu = thrownKnitError(make("eth1", "bridge", 9000));
     expect(mtu.message).toStartWith(`cannot create macvlan eth1 in ${s.path} on par0 in ${h.path}: Invalid argument (EINVAL)`);
     expect(isErrno(mtu, "EINVAL")).toBe(true);
     make("eth1", "passthru")();
-    const second = failure(make("eth2", "bridge"));
+    const second = thrownKnitError(make("eth2", "bridge"));
     expect(isErrno(second, "EINVAL")).toBe(true);
-    const mode = failure(make("eth2", "fast" as MacvlanModeName));
+    const mode = thrownKnitError(make("eth2", "fast" as MacvlanModeName));
     expect([mode.code, mode.message]).toEqual(["invalid-argument", 'invalid macvlan mode "fast": expected one of private, vepa, bridge, passthru']);
     expect(await linkNames(h)).toEqual(["lo", "par0"]);
     expect(await linkNames(s)).toEqual(["eth0", "eth1", "lo"]);
@@ -366,7 +356,7 @@ describe("macvlan devices, routes with a source, parameters of another namespace
     expect(await shown(["10.34.0.7/32"])).toEqual([]);
     expect(await ipj(h, ["-6", "route", "show", "fd00:34::7/128"])).toEqual([]);
     expect(await shown(["10.34.0.8/32"])).toEqual([["10.34.0.8", "dnl2", undefined, "link"]]);
-    const mixed = failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "10.34.0.9/32", dev: "dnl", src: "fd00:34::250" })));
+    const mixed = thrownKnitError(() => rtnl(h.netns, (r) => r.addRoute({ dst: "10.34.0.9/32", dev: "dnl", src: "fd00:34::250" })));
     expect([mixed.code, mixed.message]).toEqual(["invalid-argument", "route 10.34.0.9/32: source fd00:34::250 is not of the destination's family"]);
   });
 
@@ -391,25 +381,25 @@ describe("macvlan devices, routes with a source, parameters of another namespace
     expect(await read(s, "net/ipv4/conf/dnl/arp_ignore")).toBe("2");
     for (const key of ["net/ipv4/conf/dnl/arp_notify", "net/ipv6/conf/dnl/ndisc_notify", "net/ipv4/conf/dnl/arp_ignore"]) expect(`${key}=${await read(h, key)}`).toBe(`${key}=0`);
 
-    const missing = failure(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_accept", "1"], ["net/ipv4/conf/nosuch0/arp_notify", "1"]]));
+    const missing = thrownKnitError(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_accept", "1"], ["net/ipv4/conf/nosuch0/arp_notify", "1"]]));
     expect([missing.code, missing.message]).toEqual(["kernel", `cannot set net/ipv4/conf/nosuch0/arp_notify=1 in ${s.path}: No such file or directory (ENOENT)`]);
     expect(readlinkSync("/proc/thread-self/ns/net")).toBe(home);
     // The keys before the failing one are set.
     expect(await read(s, "net/ipv4/conf/dnl/arp_accept")).toBe("1");
-    const bad = failure(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_notify", "bogus"]]));
+    const bad = thrownKnitError(() => writeSysctlsIn(s.netns, [["net/ipv4/conf/dnl/arp_notify", "bogus"]]));
     expect(bad.message).toBe(`cannot set net/ipv4/conf/dnl/arp_notify=bogus in ${s.path}: Invalid argument (EINVAL)`);
-    expect(failure(() => writeSysctlsIn({ path: "/run/netns/nl-no-such-ns" }, [["net/ipv4/conf/all/arp_notify", "1"]])).message).toBe(
+    expect(thrownKnitError(() => writeSysctlsIn({ path: "/run/netns/nl-no-such-ns" }, [["net/ipv4/conf/all/arp_notify", "1"]])).message).toBe(
       "cannot open network namespace /run/netns/nl-no-such-ns: No such file or directory (ENOENT)",
     );
     // Only network parameters, and no way out of /proc/sys/net.
-    for (const key of ["kernel/hostname", "net/../kernel/hostname", "net/ipv4//ip_forward"]) expect(failure(() => writeSysctlsIn(s.netns, [[key, "x"]])).code).toBe("internal");
+    for (const key of ["kernel/hostname", "net/../kernel/hostname", "net/ipv4//ip_forward"]) expect(thrownKnitError(() => writeSysctlsIn(s.netns, [[key, "x"]])).code).toBe("internal");
   });
 });
 
 describe("errors", () => {
   test("EEXIST: an existing name, and a peer name the target namespace already has; nothing is left", async () => {
     rtnl(h.netns, (r) => r.createLink("br-nl", { kind: "bridge" }));
-    const dup = failure(() => rtnl(h.netns, (r) => r.createLink("br-nl", { kind: "bridge" })));
+    const dup = thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("br-nl", { kind: "bridge" })));
     expect(dup).toBeInstanceOf(NetlinkError);
     expect(dup.code).toBe("kernel");
     expect(dup.message).toBe(`cannot create bridge br-nl in ${h.path}: File exists (EEXIST)`);
@@ -417,48 +407,48 @@ describe("errors", () => {
 
     await s.exec(["ip", "link", "add", "eth0", "type", "ifb"]);
     const before = await linkNames(h);
-    const peer = failure(() => rtnl(h.netns, (r) => r.createLink("vethnl3", { kind: "veth", peer: { name: "eth0", netns: s.netns } })));
+    const peer = thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("vethnl3", { kind: "veth", peer: { name: "eth0", netns: s.netns } })));
     expect(peer.message).toStartWith(`cannot create veth pair vethnl3 in ${h.path} / eth0 in ${s.path}: File exists (EEXIST)`);
     expect(await linkNames(h)).toEqual(before);
     expect(await linkNames(s)).toEqual(["eth0", "lo"]);
   });
 
   test("ENODEV and the like: missing links, a route via a missing device, a master that is no bridge", async () => {
-    const missing = failure(() => rtnl(h.netns, (r) => r.setLink("nosuch0", { up: true })));
+    const missing = thrownKnitError(() => rtnl(h.netns, (r) => r.setLink("nosuch0", { up: true })));
     expect(missing.message).toBe(`cannot set state up of interface nosuch0 in ${h.path}: No such device (ENODEV)`);
     expect(isErrno(missing, "ENODEV")).toBe(true);
-    const noDev = failure(() => rtnl(h.netns, (r) => r.addAddress("nosuch0", "10.0.0.1/24")));
+    const noDev = thrownKnitError(() => rtnl(h.netns, (r) => r.addAddress("nosuch0", "10.0.0.1/24")));
     expect(noDev.message).toBe(`no interface nosuch0 in ${h.path}: No such device (ENODEV)`);
     rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
-    const unreachable = failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", gateway: "10.77.0.1", dev: "dnl" })));
+    const unreachable = thrownKnitError(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", gateway: "10.77.0.1", dev: "dnl" })));
     expect(unreachable.message).toMatch(new RegExp(`^cannot add route default via 10.77.0.1 dev dnl in ${h.path}: .+ \\(E[A-Z]+\\)`));
-    const badMaster = failure(() => rtnl(h.netns, (r) => r.setLink("dnl", { master: "lo" })));
+    const badMaster = thrownKnitError(() => rtnl(h.netns, (r) => r.setLink("dnl", { master: "lo" })));
     expect(badMaster.message).toStartWith(`cannot set master lo of interface dnl in ${h.path}: `);
     expect(await linkNames(h)).toEqual(["dnl", "lo"]);
   });
 
   test("bad namespaces: a missing path, a file that is no namespace; the thread stays home", async () => {
-    const gone = failure(() => listLinks({ path: "/run/netns/nl-no-such-ns" }));
+    const gone = thrownKnitError(() => listLinks({ path: "/run/netns/nl-no-such-ns" }));
     expect(gone.message).toBe("cannot open network namespace /run/netns/nl-no-such-ns: No such file or directory (ENOENT)");
     const file = join(lab.dir, "_not-a-netns");
     writeFileSync(file, "");
-    const notNs = failure(() => listLinks({ path: file }));
+    const notNs = thrownKnitError(() => listLinks({ path: file }));
     expect(notNs.message).toBe(`cannot enter network namespace ${file}: Invalid argument (EINVAL)`);
     expect(readlinkSync("/proc/thread-self/ns/net")).toBe(home);
     // A veth whose peer would go to a missing namespace: refused before anything is made.
-    const peer = failure(() => rtnl(h.netns, (r) => r.createLink("vethnl4", { kind: "veth", peer: { name: "eth0", netns: { path: "/run/netns/nl-no-such-ns" } } })));
+    const peer = thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("vethnl4", { kind: "veth", peer: { name: "eth0", netns: { path: "/run/netns/nl-no-such-ns" } } })));
     expect(peer.message).toContain("No such file or directory (ENOENT)");
     expect(await linkNames(h)).toEqual(["lo"]);
   });
 
   test("bad input is refused before the kernel sees it", () => {
-    expect(failure(() => rtnl(h.netns, (r) => r.createLink("a-name-far-too-long", { kind: "ifb" }))).code).toBe("invalid-argument");
-    expect(failure(() => rtnl(h.netns, (r) => r.createLink("bad/name", { kind: "ifb" }))).code).toBe("invalid-argument");
+    expect(thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("a-name-far-too-long", { kind: "ifb" }))).code).toBe("invalid-argument");
+    expect(thrownKnitError(() => rtnl(h.netns, (r) => r.createLink("bad/name", { kind: "ifb" }))).code).toBe("invalid-argument");
     rtnl(h.netns, (r) => r.createLink("dnl", { kind: "ifb" }));
-    const mac = failure(() => rtnl(h.netns, (r) => r.setLink("dnl", { address: "02:42:zz:00:00:01" })));
+    const mac = thrownKnitError(() => rtnl(h.netns, (r) => r.setLink("dnl", { address: "02:42:zz:00:00:01" })));
     expect([mac.code, mac.message]).toEqual(["invalid-argument", 'invalid MAC address "02:42:zz:00:00:01"']);
-    expect(failure(() => rtnl(h.netns, (r) => r.addAddress("dnl", "10.0.0.300/24"))).code).toBe("invalid-argument");
-    expect(failure(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", dev: "dnl" }))).message).toBe("route default dev dnl: a default route needs a gateway");
+    expect(thrownKnitError(() => rtnl(h.netns, (r) => r.addAddress("dnl", "10.0.0.300/24"))).code).toBe("invalid-argument");
+    expect(thrownKnitError(() => rtnl(h.netns, (r) => r.addRoute({ dst: "default", dev: "dnl" }))).message).toBe("route default dev dnl: a default route needs a gateway");
   });
 });
 
