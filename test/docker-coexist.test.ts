@@ -260,6 +260,27 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await containerReaches(INTERNET.server4)).toBe(true);
   });
 
+  test("a Docker container's name wins over a knit sandbox id prefix; a prefix alone still finds the sandbox", async () => {
+    const a1Id = (JSON.parse((await h.knitOk(["inspect", "a1"])).stdout) as { Id: string }[])[0]?.Id ?? "";
+    expect(a1Id).toMatch(/^[0-9a-f]{64}$/);
+    // A Docker container named like the start of a1's id (CI once met "dc" by chance).
+    const named = a1Id.slice(0, 6);
+    await d.dockerOk(["run", "-d", "--name", named, "bb", "sleep", "3600"]);
+    try {
+      await h.knitOk(["network", "connect", "kb", named], { env: dockerEnv });
+      expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name).sort()).toEqual(["b1", named]);
+      expect((await d.dockerOk(["exec", named, "ip", "-o", "-4", "addr", "show", "eth1"])).stdout).toContain("inet ");
+      await h.knitOk(["network", "disconnect", "kb", named], { env: dockerEnv });
+      // A longer prefix that names no container is a1's.
+      await h.knitOk(["network", "connect", "kb", a1Id.slice(0, 10)], { env: dockerEnv });
+      expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name).sort()).toEqual(["a1", "b1"]);
+      await h.knitOk(["network", "disconnect", "kb", a1Id.slice(0, 10)], { env: dockerEnv });
+      expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name)).toEqual(["b1"]);
+    } finally {
+      await d.docker(["rm", "-f", named]);
+    }
+  });
+
   test("knit leaves Docker's chains as they were; its DOCKER-USER rules go with its networks", async () => {
     expect(await dockerTables()).toBe(dockerTablesBefore);
     await h.knitOk(["rm", "-f", "b1"]);

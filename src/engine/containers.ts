@@ -18,21 +18,24 @@ interface Found {
   name: string;
   netnsPath: string;
   pid?: number;
+  /** Found by a prefix of its id only (a container CLI's own lookup), not by name or full id. */
+  byPrefix?: boolean;
 }
 
 /** Ask a container CLI (docker or podman) for a container's PID and name. */
 async function inspectContainer(cli: string, ref: string): Promise<Found | undefined> {
   let out;
   try {
-    out = await run([cli, "inspect", "--type", "container", "--format", "{{.State.Pid}} {{.Name}}", ref], { allowFailure: true });
+    out = await run([cli, "inspect", "--type", "container", "--format", "{{.State.Pid}} {{.Id}} {{.Name}}", ref], { allowFailure: true });
   } catch {
     return undefined; // the CLI is not installed
   }
   if (out.code !== 0) return undefined;
-  const [pidText, rawName] = out.stdout.trim().split(" ");
+  const [pidText, id = "", rawName] = out.stdout.trim().split(" ");
   const pid = Number(pidText);
   if (!(pid > 0)) throw invalid(`${cli} container ${ref} is not running`, `start it first: ${cli} start ${ref}`);
-  return { kind: "container", name: (rawName ?? ref).replace(/^\//, ""), netnsPath: `/proc/${pid}/ns/net`, pid };
+  const name = (rawName ?? ref).replace(/^\//, "");
+  return { kind: "container", name, netnsPath: `/proc/${pid}/ns/net`, pid, byPrefix: name !== ref && id !== ref };
 }
 
 async function locate(ref: string): Promise<Found | undefined> {
@@ -53,12 +56,18 @@ async function locate(ref: string): Promise<Found | undefined> {
 }
 
 /**
- * Resolve CONTAINER to a sandbox record, creating an external one if needed.
+ * Resolve CONTAINER to a sandbox record, creating an external one if needed. Names and full
+ * ids come before id prefixes, whoever holds them: a Docker container named "dc" is not a knit
+ * sandbox whose id happens to start with dc (Docker ranks its own lookups the same way).
  */
 export async function resolveContainer(engine: Engine, ref: string): Promise<Sandbox> {
-  const known = await findSandbox(engine, ref);
+  const known = await findSandbox(engine, ref, "exact");
   if (known) return known;
   const found = await locate(ref);
+  if (!found || found.byPrefix) {
+    const byPrefix = await findSandbox(engine, ref, "prefix");
+    if (byPrefix) return byPrefix;
+  }
   if (!found) {
     throw notFound(`no such container: ${ref}`, "give a knit sandbox, an `ip netns` name, a namespace path, pid:N, or a Docker or podman container");
   }

@@ -66,16 +66,19 @@ async function findByRef<T extends { id: string }>(
   nameKeys: readonly string[],
   recordKey: (id: string) => string,
   visible: () => Promise<T[]>,
+  match: "exact" | "prefix" | "any" = "any",
 ): Promise<T | undefined> {
-  for (const nameKey of nameKeys) {
-    const byName = await engine.store.get(nameKey);
-    const rec = byName ? await getJson<T>(engine.store, recordKey(byName.value)) : undefined;
-    if (rec) return rec;
+  if (match !== "prefix") {
+    for (const nameKey of nameKeys) {
+      const byName = await engine.store.get(nameKey);
+      const rec = byName ? await getJson<T>(engine.store, recordKey(byName.value)) : undefined;
+      if (rec) return rec;
+    }
   }
-  if (!/^[0-9a-f]{1,64}$/.test(ref)) return undefined;
+  if (!(match === "exact" ? /^[0-9a-f]{64}$/ : /^[0-9a-f]{1,64}$/).test(ref)) return undefined;
   const matches = (await visible()).filter((r) => r.id.startsWith(ref));
   const exact = matches.find((r) => r.id === ref);
-  if (exact) return exact;
+  if (exact || match === "exact") return exact;
   if (matches.length > 1) throw invalid(`${kind} id prefix "${ref}" is ambiguous: it matches ${matches.length} ${kind}s`);
   return matches[0];
 }
@@ -89,8 +92,13 @@ export async function getNetwork(engine: Engine, ref: string): Promise<Network> 
   return net;
 }
 
-export const findSandbox = (engine: Engine, ref: string): Promise<Sandbox | undefined> =>
-  findByRef<Sandbox>(engine, ref, "sandbox", [keys.sandboxName(hostName(), ref)], keys.sandbox, () => listSandboxes(engine));
+/**
+ * A sandbox by exact name, full id or unique id prefix. `match` narrows the lookup to names and
+ * full ids ("exact") or to id prefixes ("prefix"), for callers that must rank other kinds of
+ * names between the two (see resolveContainer).
+ */
+export const findSandbox = (engine: Engine, ref: string, match: "exact" | "prefix" | "any" = "any"): Promise<Sandbox | undefined> =>
+  findByRef<Sandbox>(engine, ref, "sandbox", [keys.sandboxName(hostName(), ref)], keys.sandbox, () => listSandboxes(engine), match);
 
 export async function getSandbox(engine: Engine, ref: string): Promise<Sandbox> {
   const sb = await findSandbox(engine, ref);
