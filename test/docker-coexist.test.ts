@@ -268,7 +268,7 @@ describe.skipIf(missing !== undefined)(title, () => {
     await d.dockerOk(["run", "-d", "--name", named, "bb", "sleep", "3600"]);
     try {
       await h.knitOk(["network", "connect", "kb", named], { env: dockerEnv });
-      expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name).sort()).toEqual(["b1", named]);
+      expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name).sort()).toEqual(["b1", named].sort());
       expect((await d.dockerOk(["exec", named, "ip", "-o", "-4", "addr", "show", "eth1"])).stdout).toContain("inet ");
       await h.knitOk(["network", "disconnect", "kb", named], { env: dockerEnv });
       // A longer prefix that names no container is a1's.
@@ -277,6 +277,8 @@ describe.skipIf(missing !== undefined)(title, () => {
       await h.knitOk(["network", "disconnect", "kb", a1Id.slice(0, 10)], { env: dockerEnv });
       expect(Object.values((await inspectNet("kb")).Containers).map((c) => c.Name)).toEqual(["b1"]);
     } finally {
+      await h.knit(["network", "disconnect", "-f", "kb", named], { env: dockerEnv });
+      await h.knit(["network", "disconnect", "-f", "kb", "a1"]);
       await d.docker(["rm", "-f", named]);
     }
   });
