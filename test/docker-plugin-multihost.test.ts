@@ -46,6 +46,9 @@ describe.skipIf(missing !== undefined)(title, () => {
   async function addrOf(x: Host, container: string, network: string): Promise<string> {
     return (await x.d.dockerOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${network}").IPAddress}}`, container])).stdout.trim();
   }
+  async function knitId(x: Host, network: string): Promise<string> {
+    return (JSON.parse(await cl.knitOk(x.c, ["network", "inspect", network])) as { Id: string }[])[0]?.Id ?? "";
+  }
   async function pingFrom(x: Host, container: string, target: string): Promise<string | undefined> {
     const r = await x.d.docker(["exec", container, "ping", "-c1", "-W2", target]);
     return r.code === 0 ? r.stdout : undefined;
@@ -146,6 +149,41 @@ describe.skipIf(missing !== undefined)(title, () => {
     const lookup = await h(0).d.docker(["exec", "a1", "nslookup", "a2"]);
     expect(lookup.stdout).toContain(`Address: ${a2}`);
     expect(await pingFrom(h(0), "a1", INTERNET.server4)).toBeDefined();
+  });
+
+  test("an --internal overlay: containers of both hosts resolve each other through knit's DNS on 169.254.53.53; nothing gets out", async () => {
+    for (const x of hosts) {
+      await x.d.dockerOk(["network", "create", "-d", x.driver, "--ipam-driver", x.driver, "-o", "knit.driver=overlay", "--internal", "--subnet", "10.92.0.0/24", "iov"]);
+    }
+    await h(0).d.dockerOk(["run", "-d", "--init", "--name", "i1", "--network", "iov", "bb", "sleep", "3600"]);
+    await h(1).d.dockerOk(["run", "-d", "--init", "--name", "i2", "--network", "iov", "bb", "sleep", "3600"]);
+    try {
+      const i1 = await addrOf(h(0), "i1", "iov");
+      const i2 = await addrOf(h(1), "i2", "iov");
+      // No default route, no docker_gwbridge interface: one interface, on the overlay, with
+      // the DNS address on the link and the daemon's upstreams through it.
+      const routes = (await h(0).d.dockerOk(["exec", "i1", "ip", "-4", "route", "show"])).stdout.trim().split("\n");
+      expect(routes.some((r) => r.startsWith("default"))).toBe(false);
+      expect(routes).toContain("169.254.53.53 dev eth0 scope link");
+      const upstreams = routes.filter((r) => r.includes(" via "));
+      expect(upstreams.length).toBeGreaterThan(0);
+      for (const r of upstreams) expect(r).toMatch(/^[\d.]+ via 169\.254\.53\.53 dev eth0/);
+      expect((await h(0).d.dockerOk(["exec", "i1", "ip", "-o", "link", "show"])).stdout).not.toContain("eth1");
+      expect(await cl.peersConverged(await knitId(h(0), "iov"), 10_000)).toBe(true);
+      // By name across hosts, both ways, and a knit sandbox on the same network.
+      expect(await pingFrom(h(0), "i1", "i2")).toContain(i2);
+      expect(await pingFrom(h(1), "i2", "i1")).toContain(i1);
+      await cl.knitOk(h(1).c, ["run", "-d", "--name", "k3", "--network", "iov", "--", "sleep", "3600"]);
+      const k3 = await cl.sandbox(h(1).c, "k3");
+      expect(await pingFrom(h(0), "i1", "k3")).toContain(k3.ip.iov ?? "?");
+      // Internal: the internet stays out of reach.
+      expect(await pingFrom(h(0), "i1", INTERNET.server4)).toBeUndefined();
+    } finally {
+      await cl.knit(h(1).c, ["rm", "-f", "k3"]);
+      await h(0).d.docker(["rm", "-f", "i1"]);
+      await h(1).d.docker(["rm", "-f", "i2"]);
+      for (const x of hosts) await x.d.docker(["network", "rm", "iov"]);
+    }
   });
 
   test("the knit network goes with the last Docker network on it; nothing is left", async () => {

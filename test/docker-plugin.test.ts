@@ -291,10 +291,23 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await waitFor(async () => (await pingFrom("o1", "-6 k5"))?.includes(k5?.GlobalIPv6Address ?? "?") === true, 10_000, 200)).toBe(true);
 
     // --internal: no default route, and nothing leaves through knit's bridge even with one.
-    await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "--internal", "--subnet", "10.65.0.0/24", "int"]);
+    const intId = (await docker(["network", "create", "-d", "knit", "--ipam-driver", "knit", "--internal", "--subnet", "10.65.0.0/24", "int"])).stdout.trim();
     await docker(["run", "-d", "--init", "--name", "i1", "--network", "int", "bb", "sleep", "3600"]);
     const i1ns = await ns("i1");
     expect(JSON.parse((await lab.exec(i1ns, ["ip", "-j", "route", "show", "default"])).stdout)).toEqual([]);
+    // Names on an internal network: Docker's resolver forwards what it does not know to the
+    // daemon's upstream servers; Join gave the container a host route to each, through the
+    // gateway, where the redirect hands the query to knit's DNS.
+    await h.knitOk(["run", "-d", "--name", "k6", "--network", "int", "--", "sleep", "3600"]);
+    const k6 = (await knitNetwork("int")).Containers;
+    const k6Addr = Object.values(k6).find((c) => c.Name === "k6")?.IPv4Address.split("/")[0] ?? "?";
+    const hostRoutes = (JSON.parse((await lab.exec(i1ns, ["ip", "-j", "-4", "route", "show"])).stdout) as Route[]).filter((r) => r.gateway !== undefined);
+    expect(hostRoutes.length).toBeGreaterThan(0);
+    for (const r of hostRoutes) expect(`${r.gateway} dev ${r.dev}`).toBe("10.65.0.1 dev eth0");
+    expect(await pingFrom("i1", "k6")).toContain(k6Addr);
+    expect((await docker(["exec", "i1", "nslookup", "k6"])).stdout).toContain(`Address: ${k6Addr}`);
+    expect(await redirects()).toContain(`br-${intId.slice(0, 12)} ${await addrOf("i1", "int")} 10.65.0.1`);
+    await h.knitOk(["rm", "-f", "k6"]);
     await lab.exec(i1ns, ["ip", "route", "add", "default", "via", "10.65.0.1"]);
     expect(await lab.waitPing(i1ns, "10.65.0.1")).toBe(true); // the bridge answers...
     expect(await lab.ping(i1ns, "10.60.0.20")).toBe(false); // ...but forwards nothing out

@@ -251,9 +251,10 @@ async function joinNetwork(engine: Engine, netRef: string, sb: Sandbox, opts: Co
     if (wire && netns && clusterHost) await attachOverlay(engine, net, clusterHost, endpoint, wire);
     else if (wire) await wire();
     // An internal overlay's sandbox asks knit's DNS on its host's bridge (src/cluster/overlay-dns.ts).
-    if (wire && netns && clusterHost && !handoff && internalOverlay(net)) {
+    // A handed-off device (Docker's) gets its route from Docker (Join's static routes).
+    if (wire && netns && clusterHost && internalOverlay(net)) {
       await ensureOverlayDnsHost(net);
-      await routeSandboxDns(engine, sb, netns);
+      if (!handoff) await routeSandboxDns(engine, sb, netns);
     }
     faultPoint("connect:after-kernel");
     const ready: Endpoint = { ...endpoint, state: "ready" };

@@ -10,20 +10,84 @@
  * container's own address, knows it as a member, answers with the names of all its networks
  * and forwards the rest to the host's upstreams.
  *
+ * On `--internal` networks a container has no default route, so its forwarded queries would
+ * never leave it: Join gives it host routes for exactly the daemon's upstream servers (see
+ * {@link dockerUpstreams}), through the network's DNS address (the gateway of a bridge, or
+ * 169.254.53.53 on the bridge of an internal overlay, src/cluster/overlay-dns.ts), and the
+ * same redirect turns them into queries to knit's DNS. Nothing else gains a way out: the
+ * firewall still drops everything leaving an internal network.
+ *
  * One table of its own, `inet knit_docker`: a fixed rule per family that looks the packet's
  * (input bridge, source address) up in a map whose value is the DNS address. The table is made
  * once; after every Join and DeleteEndpoint only the maps' elements are replaced, in one `nft`
  * transaction (a few milliseconds: no hook is registered again). The agent deletes the table
  * when it stops. knit's own sandboxes are never matched (they ask the gateway directly).
  */
+import { readFileSync } from "node:fs";
 import { nftApply } from "../kernel/nft.ts";
 import { getJson, listJson } from "../store/store.ts";
-import { DockerLabels, keys, type Endpoint, type Membership, type Network } from "../model.ts";
+import { DockerLabels, OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Membership, type Network } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { listSandboxes, type Engine } from "../engine/engine.ts";
-import { servesDns } from "../dns/resolvconf.ts";
+import { parseResolvConf, servesDns, servesOverlayDns } from "../dns/resolvconf.ts";
 
 export const DNS_TABLE = "knit_docker";
+
+/** Docker's public fallback resolvers, used when the host names none it can use (libnetwork's defaults). */
+const DOCKER_DEFAULT_DNS = { 4: ["8.8.8.8", "8.8.4.4"], 6: ["2001:4860:4860::8888", "2001:4860:4860::8844"] } as const;
+
+function nameserversIn(path: string): string[] {
+  try {
+    return parseResolvConf(readFileSync(path, "utf8")).nameservers.filter((s) => !s.includes("%"));
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * The servers dockerd forwards a container's unknown names to, found as dockerd finds them:
+ * the host's /etc/resolv.conf (systemd-resolved's upstream file when that names only its
+ * 127.0.0.53 stub), without loopback servers (unreachable from a container), else Docker's
+ * defaults. A container's own `--dns` or dockerd's `dns` setting are not seen here.
+ */
+export function dockerUpstreams(family: 4 | 6, etc = "/etc/resolv.conf", resolved = "/run/systemd/resolve/resolv.conf"): string[] {
+  let servers = nameserversIn(etc);
+  if (servers.length === 1 && servers[0] === "127.0.0.53") servers = nameserversIn(resolved);
+  const usable = servers.filter((s) => !/^127\./.test(s) && s !== "::1");
+  const all = usable.length ? usable : [...DOCKER_DEFAULT_DNS[4], ...(family === 6 ? DOCKER_DEFAULT_DNS[6] : [])];
+  return all.filter((s) => s.includes(":") === (family === 6));
+}
+
+/** A static route of Docker's remote driver protocol (RouteType 0: via NextHop; 1: on the link). */
+export interface StaticRoute {
+  Destination: string;
+  RouteType: number;
+  NextHop: string;
+}
+
+/**
+ * Join's static routes for a container on an internal network where knit serves names: the
+ * daemon's upstream servers through the network's DNS address (and, on an internal overlay,
+ * that address on the link). None on other networks: their default route carries the queries.
+ */
+export function internalDnsRoutes(net: Network, families: { v4: boolean; v6: boolean }): StaticRoute[] {
+  if (!net.internal) return [];
+  const out: StaticRoute[] = [];
+  if (servesOverlayDns(net)) {
+    if (!families.v4) return [];
+    out.push({ Destination: `${OVERLAY_DNS_ADDRESS}/32`, RouteType: 1, NextHop: "" });
+    for (const u of dockerUpstreams(4)) out.push({ Destination: `${u}/32`, RouteType: 0, NextHop: OVERLAY_DNS_ADDRESS });
+    return out;
+  }
+  if (!servesDns(net)) return [];
+  for (const family of [4, 6] as const) {
+    if (!(family === 4 ? families.v4 : families.v6)) continue;
+    const gw = net.subnets.find((s) => s.gateway && s.gateway.includes(":") === (family === 6))?.gateway;
+    if (!gw) continue;
+    for (const u of dockerUpstreams(family)) out.push({ Destination: `${u}/${family === 4 ? 32 : 128}`, RouteType: 0, NextHop: gw });
+  }
+  return out;
+}
 
 /** One redirected source: a Docker endpoint's address on a bridge, and where its DNS goes. */
 export interface Redirect {
@@ -85,7 +149,7 @@ export class DnsRedirect {
         if (!nets.has(m.networkId)) nets.set(m.networkId, await getJson<Network>(this.engine.store, keys.network(m.networkId)));
         const net = nets.get(m.networkId);
         const bridge = net ? drivers[net.driver].firewall(net)?.bridge : undefined;
-        if (!net || !bridge || !servesDns(net)) continue;
+        if (!net || !bridge || !(servesDns(net) || servesOverlayDns(net))) continue;
         const ep = await getJson<Endpoint>(this.engine.store, keys.endpoint(m.networkId, m.endpointId));
         if (ep?.state !== "ready") continue;
         out.push(...DnsRedirect.for(net, [ep.ipv4 ?? "", ep.ipv6 ?? ""].filter(Boolean)));
@@ -115,8 +179,9 @@ export class DnsRedirect {
   /** The redirects a network calls for, for these addresses (none when knit serves no DNS there). */
   static for(net: Network, addresses: readonly string[]): Redirect[] {
     const bridge = drivers[net.driver].firewall(net)?.bridge;
-    if (!bridge || !servesDns(net)) return [];
-    const gws = net.subnets.flatMap((s) => (s.gateway ? [s.gateway] : []));
+    const overlay = servesOverlayDns(net);
+    if (!bridge || !(servesDns(net) || overlay)) return [];
+    const gws = overlay ? [OVERLAY_DNS_ADDRESS] : net.subnets.flatMap((s) => (s.gateway ? [s.gateway] : []));
     return addresses.flatMap((a) => {
       const source = a.split("/")[0] ?? "";
       const target = gws.find((g) => g.includes(":") === source.includes(":"));

@@ -49,7 +49,7 @@ import {
 import { dockerKeys, getDockerEndpoint, getLink, ipamHolder, type DockerEndpoint, type DockerNetworkLink, type DockerPool } from "./records.ts";
 import { dropDevice, gatewaysFor, hostNetns, srcNameFor } from "./handoff.ts";
 import { describeDockerSandbox, dockerSandbox, forgetDockerSandbox, setEndpointAliases } from "./sandboxes.ts";
-import { DnsRedirect } from "./dns-redirect.ts";
+import { DnsRedirect, internalDnsRoutes } from "./dns-redirect.ts";
 import type { DockerApi, DockerNetworkInfo } from "./docker-api.ts";
 import { ensureGwBridge, needsGateway } from "../cluster/attach.ts";
 import { parseBoolOption } from "../drivers/driver.ts";
@@ -353,6 +353,8 @@ export class DockerNetworkDriver {
           ...(ep.addressV6 ? { ip6: ep.addressV6.split("/")[0] ?? "" } : {}),
         });
         ep.gateways = gatewaysFor(net, knit);
+        const routes = internalDnsRoutes(net, { v4: knit.ipv4 !== undefined, v6: knit.ipv6 !== undefined });
+        if (routes.length) ep.routes = routes;
         await redirect;
       } catch (err) {
         await redirect.catch(() => undefined);
@@ -371,6 +373,7 @@ export class DockerNetworkDriver {
       InterfaceName: { SrcName: srcName, DstPrefix: prefix },
       ...(gw.v4 ? { Gateway: gw.v4 } : {}),
       ...(gw.v6 ? { GatewayIPv6: gw.v6 } : {}),
+      ...(ep.routes?.length ? { StaticRoutes: ep.routes } : {}),
       // No gateway (internal, isolated macvlan): Docker must not add its docker_gwbridge either.
       // An overlay's way out is Docker's gateway service (docker_gwbridge), as with Swarm.
       DisableGatewayService: !gw.v4 && !gw.v6 && !needsGateway(net),

@@ -45,6 +45,8 @@ export interface DockerEndpoint {
   /** After Join: the container's namespace, and the default routes the driver set (Join's answer). */
   sandboxKey?: string;
   gateways?: { v4?: string; v6?: string };
+  /** Join's static routes (internal networks: the way to knit's DNS, see dns-redirect.ts). */
+  routes?: { Destination: string; RouteType: number; NextHop: string }[];
 }
 
 /** A pool of knit's IPAM driver. */
