@@ -461,12 +461,12 @@ describe.skipIf(missing !== undefined)(title, () => {
       [["-d", "knit", "-o", "knit.driver=overlay", "--subnet", "10.70.0.0/24"], /a knit overlay network needs knit's IPAM driver/],
     ];
     for (const [args, re] of cases) {
-      const r = await d.docker(["network", "create", ...args, "bad"]);
+      const r = await d.docker(["network", "create", ...args, "bogus"]);
       expect(r.code).not.toBe(0);
       expect(r.stderr).toMatch(/Error response from daemon: .*remote: /);
       expect(r.stderr).toMatch(re);
     }
-    expect((await d.docker(["network", "inspect", "bad"])).code).not.toBe(0);
+    expect((await d.docker(["network", "inspect", "bogus"])).code).not.toBe(0); // not hex: no id prefix
     expect((await hostLinks()).map((l) => l.ifname).sort()).toEqual(before);
     expect(await storeKeys("docker/pools/")).toEqual(pools);
     // An address knit's IPAM gave already (RequestAddress), by name.
