@@ -307,6 +307,13 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(await pingFrom("i1", "k6")).toContain(k6Addr);
     expect((await docker(["exec", "i1", "nslookup", "k6"])).stdout).toContain(`Address: ${k6Addr}`);
     expect(await redirects()).toContain(`br-${intId.slice(0, 12)} ${await addrOf("i1", "int")} 10.65.0.1`);
+    // A running container that has a way out already keeps sending its queries there: no routes.
+    await docker(["run", "-d", "--init", "--name", "i2", "--network", "bridge", "bb", "sleep", "3600"]);
+    await docker(["network", "connect", "int", "i2"]);
+    const i2routes = JSON.parse((await lab.exec(await ns("i2"), ["ip", "-j", "-4", "route", "show"])).stdout) as Route[];
+    expect(i2routes.filter((r) => r.gateway !== undefined).map((r) => r.dst)).toEqual(["default"]);
+    expect(await pingFrom("i2", k6Addr)).toBeDefined();
+    await docker(["rm", "-f", "i2"]);
     await h.knitOk(["rm", "-f", "k6"]);
     await lab.exec(i1ns, ["ip", "route", "add", "default", "via", "10.65.0.1"]);
     expect(await lab.waitPing(i1ns, "10.65.0.1")).toBe(true); // the bridge answers...

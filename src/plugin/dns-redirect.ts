@@ -15,7 +15,8 @@
  * {@link dockerUpstreams}), through the network's DNS address (the gateway of a bridge, or
  * 169.254.53.53 on the bridge of an internal overlay, src/cluster/overlay-dns.ts), and the
  * same redirect turns them into queries to knit's DNS. Nothing else gains a way out: the
- * firewall still drops everything leaving an internal network.
+ * firewall still drops everything leaving an internal network. A container that has a
+ * default route when it joins (a running one, connected) gets none: its queries have a way.
  *
  * One table of its own, `inet knit_docker`: a fixed rule per family that looks the packet's
  * (input bridge, source address) up in a map whose value is the DNS address. The table is made
@@ -23,7 +24,8 @@
  * transaction (a few milliseconds: no hook is registered again). The agent deletes the table
  * when it stops. knit's own sandboxes are never matched (they ask the gateway directly).
  */
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
+import { listRoutes } from "../kernel/ip.ts";
 import { nftApply } from "../kernel/nft.ts";
 import { getJson, listJson } from "../store/store.ts";
 import { DockerLabels, OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Membership, type Network } from "../model.ts";
@@ -87,6 +89,16 @@ export function internalDnsRoutes(net: Network, families: { v4: boolean; v6: boo
     for (const u of dockerUpstreams(family)) out.push({ Destination: `${u}/${family === 4 ? 32 : 128}`, RouteType: 0, NextHop: gw });
   }
   return out;
+}
+
+/** True when the namespace at `path` (a container's, if it exists yet) has a default route. */
+export async function hasDefaultRoute(path: string): Promise<boolean> {
+  if (!path || !existsSync(path)) return false;
+  try {
+    return (await listRoutes({ path })).some((r) => r.dst === "default");
+  } catch {
+    return false; // not a namespace (yet): Docker mounts it after the first Join
+  }
 }
 
 /** One redirected source: a Docker endpoint's address on a bridge, and where its DNS goes. */

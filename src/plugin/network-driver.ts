@@ -49,7 +49,7 @@ import {
 import { dockerKeys, getDockerEndpoint, getLink, ipamHolder, type DockerEndpoint, type DockerNetworkLink, type DockerPool } from "./records.ts";
 import { dropDevice, gatewaysFor, hostNetns, srcNameFor } from "./handoff.ts";
 import { describeDockerSandbox, dockerSandbox, forgetDockerSandbox, setEndpointAliases } from "./sandboxes.ts";
-import { DnsRedirect, internalDnsRoutes } from "./dns-redirect.ts";
+import { DnsRedirect, hasDefaultRoute, internalDnsRoutes } from "./dns-redirect.ts";
 import type { DockerApi, DockerNetworkInfo } from "./docker-api.ts";
 import { ensureGwBridge, needsGateway } from "../cluster/attach.ts";
 import { parseBoolOption } from "../drivers/driver.ts";
@@ -353,7 +353,9 @@ export class DockerNetworkDriver {
           ...(ep.addressV6 ? { ip6: ep.addressV6.split("/")[0] ?? "" } : {}),
         });
         ep.gateways = gatewaysFor(net, knit);
-        const routes = internalDnsRoutes(net, { v4: knit.ipv4 !== undefined, v6: knit.ipv6 !== undefined });
+        // A container with a way out already (`docker network connect` of a running one) keeps
+        // sending its forwarded queries there.
+        const routes = net.internal && !(await hasDefaultRoute(req.SandboxKey)) ? internalDnsRoutes(net, { v4: knit.ipv4 !== undefined, v6: knit.ipv6 !== undefined }) : [];
         if (routes.length) ep.routes = routes;
         await redirect;
       } catch (err) {
