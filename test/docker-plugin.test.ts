@@ -15,8 +15,9 @@
  * test removes everything and proves that nothing is left.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, statSync } from "node:fs";
-import { Lab, waitFor, type LabHost, type LabNode, type LabProcess, type NetnsRef } from "../src/lab/lab.ts";
+import { existsSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { Lab, REPO_ROOT, waitFor, type LabHost, type LabNode, type LabProcess, type NetnsRef } from "../src/lab/lab.ts";
 import { type DockerDaemon, dockerMissing, startDocker } from "../src/lab/docker.ts";
 import { openSqliteStore } from "../src/store/sqlite.ts";
 import { assertHostClean } from "./leaks.ts";
@@ -29,6 +30,8 @@ const title = missing ? `knit as Docker's network plugin (skipped: ${missing})` 
 const PLUGIN_DIR = "/run/docker/plugins";
 const SOCKET = `${PLUGIN_DIR}/knit.sock`;
 const CT = "application/vnd.docker.plugins.v1.2+json";
+/** The agent's upstream resolver: knit's stub DNS server on the LAN machine. */
+const UPSTREAM = "10.60.0.20";
 
 interface IpLink {
   ifname: string;
@@ -73,12 +76,14 @@ describe.skipIf(missing !== undefined)(title, () => {
   let peer: LabNode;
   let d: DockerDaemon;
   let agent: LabProcess;
+  let stub: LabProcess;
+  let resolvConf = "";
   const ids = { front: "", back: "", lan: "", plain: "" };
 
   const agentArgs = (): string[] => ["agent", "--docker-plugin", "--docker-host", d.dockerHost, "--log-level", "debug"];
 
   async function startAgent(): Promise<void> {
-    agent = h.spawnKnit(agentArgs());
+    agent = h.spawnKnit(agentArgs(), { env: { KNIT_RESOLV_CONF: resolvConf } });
     if (!(await waitFor(() => existsSync(SOCKET) && existsSync(`${h.stateDir}/agent.pid`), 20_000, 20))) {
       throw new Error(`the agent did not start:\n${agent.output()}`);
     }
@@ -143,10 +148,15 @@ describe.skipIf(missing !== undefined)(title, () => {
     await lab.plug(peer, lan, { addresses: ["10.60.0.20/24"] });
     d = await startDocker(h);
     await d.ensureBusyboxImage();
+    stub = peer.spawn([process.execPath, join(REPO_ROOT, "src", "dns", "stub-server.ts"), "--listen", UPSTREAM, "--answer", "ext.test=192.0.2.10"]);
+    if (!(await waitFor(() => stub.output().includes("ready"), 5000, 20))) throw new Error(`stub DNS did not start: ${stub.output()}`);
+    resolvConf = join(lab.dir, "resolv.conf");
+    writeFileSync(resolvConf, `nameserver ${UPSTREAM}\n`);
     await startAgent();
   }, 180_000);
 
   afterAll(async () => {
+    await stub.stop();
     await lab.cleanup();
   });
 
@@ -314,6 +324,15 @@ describe.skipIf(missing !== undefined)(title, () => {
     expect(i2routes.filter((r) => r.gateway !== undefined).map((r) => r.dst)).toEqual(["default"]);
     expect(await pingFrom("i2", k6Addr)).toBeDefined();
     await docker(["rm", "-f", "i2"]);
+    // The other order: internal first (routes to knit's DNS, which forwards nothing for it),
+    // then Docker's bridge: from then on knit's DNS forwards its other names, as Docker would.
+    await docker(["run", "-d", "--init", "--name", "i3", "--network", "int", "bb", "sleep", "3600"]);
+    const lookupExt = async (): Promise<string> => (await d.docker(["exec", "i3", "nslookup", "ext.test"])).stdout;
+    expect(await lookupExt()).not.toContain("192.0.2.10");
+    expect((await docker(["exec", "i3", "nslookup", "k6"])).stdout).toContain(`Address: ${k6Addr}`);
+    await docker(["network", "connect", "bridge", "i3"]);
+    expect(await waitFor(async () => (await lookupExt()).includes("Address: 192.0.2.10"), 10_000, 500)).toBe(true);
+    await docker(["rm", "-f", "i3"]);
     await h.knitOk(["rm", "-f", "k6"]);
     await lab.exec(i1ns, ["ip", "route", "add", "default", "via", "10.65.0.1"]);
     expect(await lab.waitPing(i1ns, "10.65.0.1")).toBe(true); // the bridge answers...

@@ -35,14 +35,14 @@ import { currentOwner } from "../engine/owner.ts";
 import { reconcile, type ReconcileReport } from "../engine/reconcile.ts";
 import { openStore } from "../store/open.ts";
 import type { Store } from "../store/store.ts";
-import { OVERLAY_DNS_ADDRESS, type AgentClaim, type HostRecord } from "../model.ts";
+import { DockerLabels, OVERLAY_DNS_ADDRESS, type AgentClaim, type HostRecord } from "../model.ts";
 import { hostName } from "../engine/owner.ts";
 import { HostRegistration, detectUnderlay, type RegistrationStatus, type UnderlaySpec } from "../cluster/hosts.ts";
 import { OverlaySync, type OverlaySyncStatus } from "../cluster/sync.ts";
 import { clearEviction } from "../cluster/remove.ts";
 import { ensureOverlayDnsRule, removeOverlayDnsRule } from "../cluster/overlay-dns.ts";
 import { DockerPlugin, type DockerPluginOptions, type DockerPluginStatus } from "../plugin/plugin.ts";
-import { NameTable } from "../dns/table.ts";
+import { NameTable, type Client } from "../dns/table.ts";
 import { StoreMirror } from "../dns/mirror.ts";
 import { Forwarder } from "../dns/forwarder.ts";
 import { Resolver } from "../dns/resolver.ts";
@@ -54,7 +54,7 @@ import { serveStatus } from "./status.ts";
 import { jsonLogger, type LogLevel, type Logger } from "./log.ts";
 import { CniServer } from "./cni-server.ts";
 import { agentNeeded, startAgent } from "./autostart.ts";
-import { setLinkDeletionAside } from "../kernel/ip.ts";
+import { hasDefaultRoute, setLinkDeletionAside } from "../kernel/ip.ts";
 
 /** How `knit agent` was asked to run. */
 export interface AgentOptions {
@@ -183,7 +183,7 @@ class Agent {
     this.paths = agentPaths(engine.stateDir);
     this.cni = new CniServer({ stateDir: engine.stateDir, socket: this.paths.cniSocket, log, onDel: () => this.checkIdle() });
     this.forwarder = new Forwarder({ timeoutMs: opts.dnsTimeoutMs });
-    this.resolver = new Resolver(this.table, this.forwarder, hostUpstreams);
+    this.resolver = new Resolver(this.table, this.forwarder, hostUpstreams, (client) => this.dockerWayOut(client));
     this.server = new DnsServer(this.resolver, {
       ...(opts.dnsPort === undefined ? {} : { port: opts.dnsPort }),
       onError: (what, err, fields) => log.warn(`dns: ${what}`, { ...fields, err }),
@@ -192,6 +192,28 @@ class Agent {
       onChange: () => void this.listen(),
       onError: (err) => log.warn("store watch broke; listing again", { err }),
     });
+  }
+
+  /** Recent answers of {@link dockerWayOut}, by sandbox id. */
+  private readonly wayOuts = new Map<string, { at: number; value: Promise<boolean> }>();
+
+  /**
+   * Whether a Docker container whose knit networks are all --internal has a way out all the
+   * same (a default route: a network of Docker's own driver, joined after the internal one).
+   * Its queries reach knit's DNS through the internal network's routes (src/plugin/
+   * dns-redirect.ts); then names knit does not know are forwarded for it, as Docker would.
+   * Read from the container's namespace, and kept 2 s.
+   */
+  private dockerWayOut(client: Client): boolean | Promise<boolean> {
+    const sb = client.sandboxId === undefined ? undefined : this.table.sandbox(client.sandboxId);
+    if (!sb || sb.labels[DockerLabels.sandbox] === undefined) return false;
+    const now = Date.now();
+    const hit = this.wayOuts.get(sb.id);
+    if (hit && now - hit.at < 2000) return hit.value;
+    if (this.wayOuts.size > 1000) for (const [id, w] of this.wayOuts) if (now - w.at >= 2000) this.wayOuts.delete(id);
+    const value = hasDefaultRoute(sb.netnsPath);
+    this.wayOuts.set(sb.id, { at: now, value });
+    return value;
   }
 
   async start(): Promise<void> {

@@ -17,7 +17,7 @@
  * that cache (aardvark-dns made the same choice).
  */
 import { Forwarder } from "./forwarder.ts";
-import { NameTable } from "./table.ts";
+import { NameTable, type Client } from "./table.ts";
 import { RecordClass, RecordType, Rcode, buildReply, parseQuery, udpLimit, type Answer, type Query } from "./packet.ts";
 
 /** What the resolver counted since start. */
@@ -58,6 +58,11 @@ export class Resolver {
     private readonly table: NameTable,
     private readonly forwarder: Forwarder,
     private readonly hostUpstreams: () => readonly string[],
+    /**
+     * For a client whose networks are all --internal: whether it has a way out all the same
+     * (a Docker container with a network of Docker's own), so its queries are forwarded.
+     */
+    private readonly wayOut: (client: Client) => boolean | Promise<boolean> = () => false,
   ) {}
 
   /**
@@ -103,9 +108,29 @@ export class Resolver {
       }
     }
     if (!client.forward) {
-      this.stats.refused++;
-      return buildReply(query, Rcode.REFUSED);
+      const out = this.wayOut(client);
+      if (out === true) return this.forwardFor(packet, query, client, maxSize);
+      if (out === false) {
+        this.stats.refused++;
+        return buildReply(query, Rcode.REFUSED);
+      }
+      return out.then(
+        (yes): Reply => {
+          if (yes) return this.forwardFor(packet, query, client, maxSize);
+          this.stats.refused++;
+          return buildReply(query, Rcode.REFUSED);
+        },
+        (): Reply => {
+          this.stats.refused++;
+          return buildReply(query, Rcode.REFUSED);
+        },
+      );
     }
+    return this.forwardFor(packet, query, client, maxSize);
+  }
+
+  /** Forward to the client's upstreams (its --dns), else the host's; SERVFAIL without any. */
+  private forwardFor(packet: Uint8Array, query: Query, client: Client, maxSize: number): Reply {
     const upstreams = client.upstreams.length ? client.upstreams : this.hostUpstreams();
     if (upstreams.length === 0) {
       this.stats.servfail++;

@@ -52,6 +52,8 @@ export interface Client {
   readonly upstreams: readonly string[];
   /** False when every network of the client is --internal: nothing is forwarded. */
   readonly forward: boolean;
+  /** The asking sandbox, when the address is one's. */
+  readonly sandboxId?: string;
 }
 
 interface Member {
@@ -505,6 +507,11 @@ export class NameTable {
     return this.nameCount;
   }
 
+  /** A live sandbox the table knows, by id. */
+  sandbox(id: string): Sandbox | undefined {
+    return this.sandboxById.get(id);
+  }
+
   /**
    * Who asks: a query that arrived on network `netId` from `addr`.
    * - A sandbox with that address on that network sees the names of all its networks.
@@ -529,7 +536,7 @@ export class NameTable {
       // not depend on the order their records arrived in.
       const networks = [arrival, ...[...others].sort()];
       const forward = networks.some((n) => served.get(n)?.internal === false);
-      return { networks, upstreams: member.upstreams, forward };
+      return { networks, upstreams: member.upstreams, forward, sandboxId: member.sandboxId };
     }
     const net = served.get(netId);
     const ip = tryParseIp(key);

@@ -129,6 +129,19 @@ export async function listRoutes(ns?: Netns): Promise<RouteInfo[]> {
   return netlink.listRoutes(ns).filter((r) => r.table === undefined || r.table === "main");
 }
 
+/**
+ * True when the namespace at `path` has a default route (IPv4 or IPv6); false when it has
+ * none, or is no namespace (yet: Docker mounts a container's after its first Join).
+ */
+export async function hasDefaultRoute(path: string): Promise<boolean> {
+  if (!path || !existsSync(path)) return false;
+  try {
+    return (await listRoutes({ path })).some((r) => r.dst === "default");
+  } catch {
+    return false;
+  }
+}
+
 /** Quote a token for `ip -batch` input (which splits on white space and honours quotes). */
 export function batchToken(s: string): string {
   if (/^[A-Za-z0-9_.:/@%+=-]+$/.test(s)) return s;

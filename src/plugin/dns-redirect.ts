@@ -24,8 +24,7 @@
  * transaction (a few milliseconds: no hook is registered again). The agent deletes the table
  * when it stops. knit's own sandboxes are never matched (they ask the gateway directly).
  */
-import { existsSync, readFileSync } from "node:fs";
-import { listRoutes } from "../kernel/ip.ts";
+import { readFileSync } from "node:fs";
 import { nftApply } from "../kernel/nft.ts";
 import { getJson, listJson } from "../store/store.ts";
 import { DockerLabels, OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Membership, type Network } from "../model.ts";
@@ -89,16 +88,6 @@ export function internalDnsRoutes(net: Network, families: { v4: boolean; v6: boo
     for (const u of dockerUpstreams(family)) out.push({ Destination: `${u}/${family === 4 ? 32 : 128}`, RouteType: 0, NextHop: gw });
   }
   return out;
-}
-
-/** True when the namespace at `path` (a container's, if it exists yet) has a default route. */
-export async function hasDefaultRoute(path: string): Promise<boolean> {
-  if (!path || !existsSync(path)) return false;
-  try {
-    return (await listRoutes({ path })).some((r) => r.dst === "default");
-  } catch {
-    return false; // not a namespace (yet): Docker mounts it after the first Join
-  }
 }
 
 /** One redirected source: a Docker endpoint's address on a bridge, and where its DNS goes. */

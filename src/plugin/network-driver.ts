@@ -49,7 +49,8 @@ import {
 import { dockerKeys, getDockerEndpoint, getLink, ipamHolder, type DockerEndpoint, type DockerNetworkLink, type DockerPool } from "./records.ts";
 import { dropDevice, gatewaysFor, hostNetns, srcNameFor } from "./handoff.ts";
 import { describeDockerSandbox, dockerSandbox, forgetDockerSandbox, setEndpointAliases } from "./sandboxes.ts";
-import { DnsRedirect, hasDefaultRoute, internalDnsRoutes } from "./dns-redirect.ts";
+import { DnsRedirect, internalDnsRoutes } from "./dns-redirect.ts";
+import { hasDefaultRoute } from "../kernel/ip.ts";
 import type { DockerApi, DockerNetworkInfo } from "./docker-api.ts";
 import { ensureGwBridge, needsGateway } from "../cluster/attach.ts";
 import { parseBoolOption } from "../drivers/driver.ts";
