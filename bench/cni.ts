@@ -3,6 +3,7 @@
  * private lab:
  *
  *   scripts/lab-run node_modules/.bin/bun bench/cni.ts [--rounds N] [--parallel N] [--parallel-rounds N] [--in-process]
+ *       [--auto-agent [--linger S]]
  *
  * 1. Sequential ADD+DEL of one container: knit (bridge driver, knit IPAM, ipMasq) against the
  *    reference bridge + host-local with ipMasq. Rounds alternate which goes first, so both
@@ -18,8 +19,10 @@
  * knit's plugins are the ones `knit install` writes into a CNI bin dir (KNIT_BENCH_CNI_DIR=DIR
  * uses plugins already installed in DIR instead). The knit agent runs (as on a host with
  * DNS), so knit's plugin processes hand their invocations to it (docs/cni.md "Two paths");
- * `--in-process` makes them run each invocation themselves (KNIT_CNI_AGENT=0). The report
- * says which path the traced calls took.
+ * `--in-process` makes them run each invocation themselves (KNIT_CNI_AGENT=0). With
+ * `--auto-agent` no agent is started beforehand: the plugins start one on demand, as on a host
+ * without the service, which lingers `--linger` seconds (default 30; 0: it stops after every
+ * DEL and the next ADD starts another). The report says which path the traced calls took.
  */
 import { readFileSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -54,6 +57,11 @@ interface InnerSpec {
   parallelRounds: number;
   /** Run knit's invocations in the plugin processes (KNIT_CNI_AGENT=0), not in the agent. */
   inProcess: boolean;
+  /**
+   * No agent started beforehand: the plugins start one on demand, which lingers
+   * KNIT_AGENT_LINGER seconds (`--auto-agent [--linger S]`, default 30) after the last DEL.
+   */
+  autoAgent?: { linger: string };
 }
 
 interface InnerResult {
@@ -168,14 +176,20 @@ async function parallel(rt: CniRuntime, list: ConfList, atts: readonly RuntimeCo
 async function inner(spec: InnerSpec): Promise<InnerResult> {
   const { knit, ref } = lists(spec);
   // The agent runs (started by the outer process): an ADD only checks that it is there.
-  const env = { KNIT_STATE_DIR: spec.stateDir, KNIT_HOST: spec.host, ...(spec.inProcess ? { KNIT_CNI_AGENT: "0" } : {}) };
+  const env = {
+    KNIT_STATE_DIR: spec.stateDir,
+    KNIT_HOST: spec.host,
+    ...(spec.inProcess ? { KNIT_CNI_AGENT: "0" } : {}),
+    ...(spec.autoAgent ? { KNIT_AGENT_LINGER: spec.autoAgent.linger } : {}),
+  };
   const rtKnit = new CniRuntime([spec.knitDir], directExec(), env);
   const rtRef = new CniRuntime(["/usr/lib/cni"], directExec(), env);
   const att = (i: number): RuntimeConf => ({ containerId: `bench${i}`, netns: spec.netns[i] ?? "", ifname: "eth0" });
-  const knitCpu = withAgentCpu(spec.stateDir);
   // Warm up: knit creates its network on the first ADD, the reference its bridge.
   await timedPair(rtKnit, knit, att(0));
   await timedPair(rtRef, ref, att(0));
+  // (After the warm-up: an agent started on demand runs by now, unless it lingers 0 s.)
+  const knitCpu = withAgentCpu(spec.stateDir);
   const out: InnerResult = { seqCpu: { knit: { user: 0, sys: 0, n: 0 }, ref: { user: 0, sys: 0, n: 0 } }, seq: { knit: [], ref: [] }, par: { knit: [], ref: [] }, traces: { add: [], del: [], addWall: [], delWall: [] } };
   for (let r = 0; r < spec.rounds; r++) {
     if (r % 2 === 0) {
@@ -232,21 +246,26 @@ async function outer(): Promise<void> {
   const par = argValue("parallel", 50);
   const parRounds = argValue("parallel-rounds", 3);
   const inProcess = process.argv.includes("--in-process");
+  const li = process.argv.indexOf("--linger");
+  const linger = li >= 0 ? (process.argv[li + 1] ?? "") : "30";
+  if (!/^\d+(\.\d+)?$/.test(linger)) throw new Error("--linger needs a number of seconds");
+  const autoAgent = process.argv.includes("--auto-agent") ? { linger } : undefined;
   const lab = await Lab.create("bcni");
   try {
     const h = await lab.host("h");
     const knitDir = process.env.KNIT_BENCH_CNI_DIR || join(lab.dir, "_cni-bin");
     if (!process.env.KNIT_BENCH_CNI_DIR) await h.knitOk(["install", "--cni-bin-dir", knitDir]);
-    const agent = h.spawnKnit(["agent"]);
+    const agent = autoAgent ? undefined : h.spawnKnit(["agent"]);
     const netns = [];
     for (let i = 0; i < par; i++) netns.push((await lab.ns(`c${i}`)).path);
-    for (let i = 0; i < 100 && (await h.knit(["agent", "status"])).code !== 0; i++) await Bun.sleep(50);
-    const spec: InnerSpec = { knitDir, stateDir: h.stateDir, host: h.knitEnv().KNIT_HOST ?? "", labDir: lab.dir, netns, rounds, parallel: par, parallelRounds: parRounds, inProcess };
+    for (let i = 0; agent && i < 100 && (await h.knit(["agent", "status"])).code !== 0; i++) await Bun.sleep(50);
+    const spec: InnerSpec = { knitDir, stateDir: h.stateDir, host: h.knitEnv().KNIT_HOST ?? "", labDir: lab.dir, netns, rounds, parallel: par, parallelRounds: parRounds, inProcess, ...(autoAgent ? { autoAgent } : {}) };
     const r = await lab.exec(h, [process.execPath, join(REPO_ROOT, "bench", "cni.ts"), "--inner", JSON.stringify(spec)], { timeoutMs: 1_800_000 });
     const res = JSON.parse(r.stdout) as InnerResult;
     report(res, spec);
     await h.knit(["network", "rm", "kbench"]);
-    await agent.stop();
+    if (agent) await agent.stop();
+    else await h.knit(["agent", "stop"]); // the one started on demand, if it lingers
   } finally {
     await lab.cleanup();
   }
@@ -258,6 +277,7 @@ function report(res: InnerResult, spec: InnerSpec): void {
   const lines: string[] = [];
   lines.push(`knit CNI vs reference plugins (${spec.rounds} rounds; load average ${loadavg().map((l) => fmt(l, 2)).join(" ")})`);
   lines.push(`knit's path (traced calls): ${pathsTaken([...res.traces.add, ...res.traces.del])}`);
+  lines.push(`knit's agent: ${spec.autoAgent ? `started on demand by the plugins, linger ${spec.autoAgent.linger} s (CPU counts the agent running after the warm-up only)` : "started beforehand (a service)"}`);
   lines.push("");
   lines.push("1. sequential ADD+DEL, one container, bridge + IPAM + masquerade (median ms)");
   lines.push(`   knit (knit + knit-ipam, ipMasq)              ${fmt(k)}`);

@@ -27,6 +27,7 @@ interface AgentFile {
   startTime: string;
   mode: "auto" | "service";
   socket: string;
+  lingerMs?: number;
 }
 
 const pidfile = (): string => join(h.stateDir, "agent.pid");
@@ -153,6 +154,48 @@ describe("starting on demand", () => {
     await h.knitOk(["network", "disconnect", "n1", "quiet"]);
     expect(alive(rec?.pid ?? 0)).toBe(false);
     await h.knitOk(["rm", "-f", "quiet"]);
+  });
+});
+
+describe("lingering (KNIT_AGENT_LINGER)", () => {
+  test("an auto-started agent outlives the last sandbox by its linger, serves the next one, then stops itself", async () => {
+    const linger = { KNIT_AGENT_LINGER: "1.5" };
+    await runSb("l1", linger);
+    const rec = readAgent();
+    if (!rec) throw new Error("no agent.pid after the first sandbox");
+    expect(rec).toMatchObject({ mode: "auto", lingerMs: 1500 });
+    await h.knitOk(["rm", "-f", "l1"], { env: linger });
+    // The command left it running: no sandbox needs it, but its linger has not passed.
+    expect(alive(rec.pid)).toBe(true);
+    // The next sandbox within the linger finds it (no new start) and resolves at once.
+    await Bun.sleep(500);
+    const a = await runSb("l2", linger);
+    const b = await runSb("l3", linger);
+    expect(readAgent()?.pid).toBe(rec.pid);
+    expect(await resolve(a.ns, "l3")).toBe(b.ip);
+    // A need resets the clock: 1 s after the last rm it still runs, within ~3 s it is gone,
+    // with its pidfile and its ports.
+    await h.knitOk(["rm", "-f", "l2", "l3"], { env: linger });
+    const gone = Date.now();
+    await Bun.sleep(1000);
+    expect(alive(rec.pid)).toBe(true);
+    expect(await waitFor(() => !alive(rec.pid), 5000, 50)).toBe(true);
+    expect(Date.now() - gone).toBeGreaterThanOrEqual(1500);
+    expect(readAgent()).toBeUndefined();
+    expect(await listening()).toEqual({ udp: false, tcp: false });
+    const log = readFileSync(join(h.stateDir, "agent.log"), "utf8");
+    expect(log).toContain("no sandbox has needed the agent for its linger");
+  });
+
+  test("a bad KNIT_AGENT_LINGER: the agent says so in its log and lingers the default", async () => {
+    await runSb("l4", { KNIT_AGENT_LINGER: "soon" });
+    const rec = readAgent();
+    expect(rec?.lingerMs).toBe(30_000);
+    expect(readFileSync(join(h.stateDir, "agent.log"), "utf8")).toContain('KNIT_AGENT_LINGER must be a number of seconds from 0 to 86400, not \\"soon\\"');
+    await h.knitOk(["rm", "-f", "l4"]);
+    // A lingering agent is still stopped on purpose by its PID.
+    await h.knitOk(["agent", "stop"]);
+    expect(alive(rec?.pid ?? 0)).toBe(false);
   });
 });
 

@@ -27,8 +27,10 @@
  * invocations it was running when killed end as error 11 for their runtimes, and what they
  * left half made is undone like a killed plugin's (the runtime's DEL, GC, reconcile).
  *
- * An agent started on demand (mode "auto") stops by itself after a CNI DEL it ran left no
- * sandbox that needs it, as `stopIdleAgent` stops it after other commands.
+ * An agent started on demand (mode "auto") stops itself once no sandbox has needed it for
+ * its linger (KNIT_AGENT_LINGER, default 30 s; watchIdle). With no linger it stops after a
+ * CNI DEL it ran left no sandbox that needs it, as `stopIdleAgent` stops it after other
+ * commands.
  */
 import { type Engine } from "../engine/engine.ts";
 import { currentOwner } from "../engine/owner.ts";
@@ -53,7 +55,7 @@ import { agentPaths, removeAgentRecord, writeAgentRecord } from "./pidfile.ts";
 import { serveStatus } from "./status.ts";
 import { jsonLogger, type LogLevel, type Logger } from "./log.ts";
 import { CniServer } from "./cni-server.ts";
-import { agentNeeded, startAgent } from "./autostart.ts";
+import { DEFAULT_LINGER_S, agentLingerMs, agentNeeded, startAgent } from "./autostart.ts";
 import { hasDefaultRoute, setLinkDeletionAside } from "../kernel/ip.ts";
 
 /** How `knit agent` was asked to run. */
@@ -170,6 +172,11 @@ class Agent {
   private readonly cni: CniServer;
   /** An idle check under way (an auto-started agent after a CNI DEL). */
   private idleCheck: Promise<void> | undefined;
+  /** An auto-started agent's linger (KNIT_AGENT_LINGER); 0 for a service, or no linger. */
+  private readonly lingerMs: number;
+  private idleTimer: ReturnType<typeof setInterval> | undefined;
+  /** Since when no sandbox has needed this agent (a lingering one's clock). */
+  private idleSince: number | undefined;
   /** Cluster mode: whether the reply rule of the internal overlays' DNS address is in place (undefined: not known yet). */
   private overlayDnsRule: boolean | undefined;
 
@@ -181,6 +188,16 @@ class Agent {
     private readonly requestStop: (reason: string) => void,
   ) {
     this.paths = agentPaths(engine.stateDir);
+    let linger = 0;
+    if (me.mode === "auto") {
+      try {
+        linger = agentLingerMs();
+      } catch (err) {
+        log.warn(`${err instanceof Error ? err.message : String(err)}: lingering ${DEFAULT_LINGER_S} s`);
+        linger = DEFAULT_LINGER_S * 1000;
+      }
+    }
+    this.lingerMs = linger;
     this.cni = new CniServer({ stateDir: engine.stateDir, socket: this.paths.cniSocket, log, onDel: () => this.checkIdle() });
     this.forwarder = new Forwarder({ timeoutMs: opts.dnsTimeoutMs });
     this.resolver = new Resolver(this.table, this.forwarder, hostUpstreams, (client) => this.dockerWayOut(client));
@@ -239,7 +256,14 @@ class Agent {
       await this.plugin.start();
     }
     this.cni.start();
-    writeAgentRecord(this.engine.stateDir, { ...this.me, socket: this.paths.socket, cniSocket: this.paths.cniSocket, started: this.started.toISOString() });
+    writeAgentRecord(this.engine.stateDir, {
+      ...this.me,
+      socket: this.paths.socket,
+      cniSocket: this.paths.cniSocket,
+      started: this.started.toISOString(),
+      ...(this.lingerMs > 0 ? { lingerMs: this.lingerMs } : {}),
+    });
+    if (this.lingerMs > 0) this.watchIdle();
     this.ready = true;
     this.log.info("ready", { networks: this.table.servedNetworks().length, names: this.table.size, revision: this.mirror.revision });
   }
@@ -296,6 +320,7 @@ class Agent {
     if (this.stopping) return;
     this.stopping = true;
     clearTimeout(this.rebind);
+    clearInterval(this.idleTimer);
     // First: plugin processes run their invocations themselves from now on.
     await this.cni.stop();
     await this.plugin?.stop();
@@ -316,12 +341,43 @@ class Agent {
   }
 
   /**
+   * A lingering auto-started agent looks, a few times per linger (every 0.25 to 5 s), whether
+   * a sandbox still needs it, and stops once none has for the whole linger; commands leave it
+   * to do so (stopIdleAgent). A CNI invocation under way counts as a need.
+   */
+  private watchIdle(): void {
+    const every = Math.min(5000, Math.max(250, this.lingerMs / 4));
+    this.idleTimer = setInterval(() => {
+      if (this.stopping || this.idleCheck) return;
+      this.idleCheck = (async () => {
+        try {
+          const needed = this.cni.inFlight > 0 || (await agentNeeded(this.engine)) || this.cni.inFlight > 0;
+          if (needed || this.stopping) {
+            this.idleSince = undefined;
+            return;
+          }
+          const now = Date.now();
+          this.idleSince ??= now;
+          if (now - this.idleSince < this.lingerMs) return;
+          this.log.info("no sandbox has needed the agent for its linger", { lingerMs: this.lingerMs });
+          this.requestStop("idle");
+        } catch (err) {
+          this.log.warn("cannot tell whether the agent is still needed", { err });
+        } finally {
+          this.idleCheck = undefined;
+        }
+      })();
+    }, every);
+  }
+
+  /**
    * After a CNI DEL this agent ran: an auto-started agent that no sandbox needs any more
-   * stops (what stopIdleAgent does after a plugin process's DEL). Not while other CNI
-   * invocations are under way: one of them may be an ADD that needs it.
+   * stops (what stopIdleAgent does after a plugin process's DEL), unless it lingers (then
+   * {@link watchIdle} stops it). Not while other CNI invocations are under way: one of them
+   * may be an ADD that needs it.
    */
   private checkIdle(): void {
-    if (this.me.mode !== "auto" || this.stopping || this.idleCheck) return;
+    if (this.me.mode !== "auto" || this.lingerMs > 0 || this.stopping || this.idleCheck) return;
     this.idleCheck = (async () => {
       try {
         if (this.cni.inFlight > 0 || (await agentNeeded(this.engine)) || this.cni.inFlight > 0 || this.stopping) return;

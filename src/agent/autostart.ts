@@ -10,6 +10,11 @@
  * a live process (bounded). Two callers that race both spawn one; the store claim lets one
  * win and the other exits at once.
  *
+ * An auto-started agent lingers: it stops itself once no sandbox has needed it for
+ * KNIT_AGENT_LINGER seconds (default 30), so that containers coming and going one at a time
+ * (a CNI runtime's ADD after the last DEL) do not each pay for an agent's start. With 0,
+ * the command that removed the last such sandbox stops it at once.
+ *
  * KNIT_AGENT_AUTOSTART=0 turns this off (then run `knit agent` yourself, or install it as a
  * service).
  */
@@ -29,6 +34,20 @@ const START_TIMEOUT_MS = 10_000;
 const MAIN = join(import.meta.dir, "..", "cli", "main.ts");
 
 const autostartEnabled = (): boolean => process.env.KNIT_AGENT_AUTOSTART !== "0";
+
+/** Default of KNIT_AGENT_LINGER, in seconds. */
+export const DEFAULT_LINGER_S = 30;
+
+/** KNIT_AGENT_LINGER in milliseconds: seconds, 0 or more (fractions allowed); default 30 s. */
+export function agentLingerMs(env: Record<string, string | undefined> = process.env): number {
+  const raw = env.KNIT_AGENT_LINGER;
+  if (raw === undefined || raw === "") return DEFAULT_LINGER_S * 1000;
+  const s = Number(raw);
+  if (!/^\d+(\.\d+)?$/.test(raw.trim()) || !Number.isFinite(s) || s > 86_400) {
+    throw new KnitError("invalid-argument", `KNIT_AGENT_LINGER must be a number of seconds from 0 to 86400, not "${raw}"`);
+  }
+  return Math.round(s * 1000);
+}
 
 /** True when some ready endpoint sits on a network with knit DNS. */
 export async function agentNeeded(engine: Engine): Promise<boolean> {
@@ -95,7 +114,8 @@ export async function startAgent(stateDir: string, mode: AgentRecord["mode"], ex
  */
 export async function stopIdleAgent(engine: Engine): Promise<void> {
   const rec = liveAgent(engine.stateDir);
-  if (!rec || rec.mode !== "auto" || rec.pid === process.pid || (await agentNeeded(engine))) return;
+  // A lingering agent stops itself (src/agent/agent.ts, watchIdle).
+  if (!rec || rec.mode !== "auto" || rec.pid === process.pid || (rec.lingerMs ?? 0) > 0 || (await agentNeeded(engine))) return;
   await stopAgentProcess(rec);
   if (await agentNeeded(engine)) await ensureAgent(engine);
 }

@@ -24,6 +24,11 @@ export interface AgentRecord extends AgentClaim {
   cniSocket?: string;
   /** When the agent started (ISO time). */
   started: string;
+  /**
+   * An auto-started agent that lingers: it stops itself this long after no sandbox needs it
+   * (KNIT_AGENT_LINGER), and commands leave it to. Absent or 0: commands stop it at once.
+   */
+  lingerMs?: number;
 }
 
 /** The agent's files in a state directory. */
