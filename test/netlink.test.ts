@@ -12,7 +12,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, te
 import { readlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Lab, type LabHost, type LabNode, type NetnsRef } from "../src/lab/lab.ts";
-import { getLink, listAddrs, listLinks, listRoutes, rtnl, deleteLink, isErrno, NetlinkError, type MacvlanModeName } from "../src/kernel/netlink.ts";
+import { getLink, listAddrs, listLinks, listNeighbours, listRoutes, rtnl, deleteLink, isErrno, NetlinkError, type MacvlanModeName } from "../src/kernel/netlink.ts";
 import { writeSysctlsIn } from "../src/kernel/sysctl.ts";
 import { execStats } from "../src/kernel/exec.ts";
 import { assertNoLeaks } from "./leaks.ts";
@@ -160,6 +160,39 @@ describe("links", () => {
     const mv = getLink("mv0", h.netns);
     expect(mv?.linkinfo?.info_data).toEqual({ mode: "bridge" });
     sameFields(mv ?? {}, await ipLink(h, "mv0"));
+  });
+
+  test("listNeighbours: a vxlan port's own FDB entries, the bridge's, and neighbours, as bridge -j and ip -j list them", async () => {
+    await h.exec(["ip", "link", "add", "nbr0", "type", "bridge"]);
+    await h.exec(["ip", "link", "add", "nvx0", "type", "vxlan", "id", "42", "dstport", "4789", "nolearning"]);
+    await h.exec(["ip", "link", "set", "nvx0", "master", "nbr0", "up"]);
+    await h.exec(["ip", "link", "set", "nbr0", "up"]);
+    const macs = ["02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:07"] as const;
+    await h.exec(["bridge", "fdb", "append", macs[0], "dev", "nvx0", "dst", "10.1.0.2", "self", "permanent"]);
+    await h.exec(["bridge", "fdb", "append", macs[1], "dev", "nvx0", "dst", "10.1.0.3", "self", "permanent"]);
+    await h.exec(["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "nvx0", "dst", "10.1.0.4", "self", "permanent"]);
+    await h.exec(["bridge", "fdb", "add", macs[0], "dev", "nvx0", "master", "static"]);
+    await h.exec(["ip", "neigh", "replace", "10.9.0.5", "lladdr", macs[0], "dev", "nvx0", "nud", "permanent"]);
+    await h.exec(["ip", "neigh", "replace", "fd00:9::5", "lladdr", macs[1], "dev", "nvx0", "nud", "permanent"]);
+    await h.exec(["ip", "neigh", "replace", "10.9.0.7", "lladdr", macs[2], "dev", "nvx0", "nud", "noarp"]); // ip hides it
+    await h.exec(["ip", "neigh", "replace", "10.9.0.8", "lladdr", macs[2], "dev", "nbr0", "nud", "permanent"]); // another device
+    const mine = listNeighbours("nvx0", h.netns);
+    type Fdb = { mac: string; dst?: string; master?: string; state?: string };
+    const fdb = (await lab.exec(h, ["bridge", "-j", "fdb", "show", "dev", "nvx0"])).stdout;
+    const theirs = (JSON.parse(fdb) as Fdb[]).map((e) => ({
+      mac: e.mac,
+      ...(e.dst ? { dst: e.dst } : {}),
+      ...(e.master ? { master: true } : {}),
+      ...(e.state === "permanent" || e.state === "static" ? { state: e.state } : {}),
+    }));
+    const key = (e: object): string => JSON.stringify(e);
+    expect(mine.fdb.map(key).sort()).toEqual(theirs.map(key).sort());
+    expect(mine.fdb).toContainEqual({ mac: macs[1], dst: "10.1.0.3", state: "permanent" });
+    expect(mine.fdb).toContainEqual({ mac: macs[0], master: true, state: "static" });
+    const neigh = (await ipj<{ dst: string; lladdr?: string }>(h, ["neigh", "show", "dev", "nvx0"])).map((n) => ({ dst: n.dst, ...(n.lladdr ? { lladdr: n.lladdr } : {}) }));
+    expect(mine.neigh.map(key).sort()).toEqual(neigh.map(key).sort());
+    expect(mine.neigh.map((n) => n.dst).sort()).toEqual(["10.9.0.5", "fd00:9::5"]);
+    expect(listNeighbours("nosuch0", h.netns)).toEqual({ fdb: [], neigh: [] });
   });
 
   test("setLink: addrgenmode none keeps even the link-local address away; down and release from the bridge", async () => {

@@ -7,8 +7,9 @@
  * after a compaction or a broken watch). A change marks the overlay networks it touches
  * "dirty"; a single worker then brings each dirty network to its plan (src/cluster/peers.ts):
  * devices made or deleted, and the vxlan device's FDB and neighbour tables compared with the
- * kernel's own listing (`bridge -j fdb show`, `ip -j neigh show`) and fixed both ways with one
- * batch per table. Comparing with the kernel each time (two short processes) instead of with
+ * kernel's own listing (two netlink dumps in the agent's process, the entries `bridge -j fdb
+ * show` and `ip -j neigh show` list) and fixed both ways with one batch per table. Comparing
+ * with the kernel each time (two dumps, no process) instead of with
  * a memory of what was programmed is what makes the result exact whoever else touched the
  * tables: the CLI adds the peers it knows when it makes a network's devices (so a new host
  * talks at once), and a restarted agent finds whatever its predecessor left. Changes that

@@ -28,8 +28,7 @@
  */
 import { KnitError, conflict, invalid } from "../errors.ts";
 import { batchToken, bridgeBatch, deleteLink, getLink, ip, ipBatch, type LinkInfo } from "../kernel/ip.ts";
-import { runJson } from "../kernel/exec.ts";
-import { rtnl } from "../kernel/netlink.ts";
+import { listNeighbours, rtnl } from "../kernel/netlink.ts";
 import { configureSandboxIface } from "./sandbox-iface.ts";
 import { hostVethName, knitAlias } from "./bridge.ts";
 import { OVERLAY_DNS_ADDRESS, type Network } from "../model.ts";
@@ -211,34 +210,22 @@ export interface PeerTable {
   bridged: string[];
 }
 
-interface FdbJson {
-  mac: string;
-  dst?: string;
-  flags?: string[];
-  master?: string;
-  state?: string;
-}
-
-interface NeighJson {
-  dst: string;
-  lladdr?: string;
-}
-
-/** The FDB and neighbour entries on the vxlan device of `net` (two processes). */
-export async function readPeers(net: Network): Promise<PeerTable> {
+/**
+ * The FDB and neighbour entries on the vxlan device of `net`: two netlink dumps in this
+ * process (it was two processes, `bridge -j fdb show` and `ip -j neigh show`, per network and
+ * sync round: at 50 hosts most of the agents' CPU outside their own process).
+ */
+export function readPeers(net: Network): Promise<PeerTable> {
   const { vxlan } = overlayState(net);
-  const [fdb, neigh] = await Promise.all([
-    runJson<FdbJson[]>(["bridge", "-j", "fdb", "show", "dev", vxlan], []),
-    runJson<NeighJson[]>(["ip", "-j", "neigh", "show", "dev", vxlan], []),
-  ]);
-  return {
+  const { fdb, neigh } = listNeighbours(vxlan);
+  return Promise.resolve({
     // Entries with a destination are the vxlan device's own table ("self"); the bridge's
     // entry for the port's own address has none.
     fdb: fdb.filter((e) => e.dst !== undefined && e.master === undefined).map((e) => ({ mac: e.mac.toLowerCase(), dst: e.dst ?? "" })),
     neigh: neigh.map((n) => ({ ip: n.dst, mac: (n.lladdr ?? "").toLowerCase() })),
     // Not the port's own address ("permanent"), nor anything learned: the static ones knit set.
     bridged: fdb.filter((e) => e.master !== undefined && e.state === "static").map((e) => e.mac.toLowerCase()),
-  };
+  });
 }
 
 /** What to change on a vxlan device: entries to remove (first), then entries to set. */

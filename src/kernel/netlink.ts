@@ -53,10 +53,20 @@ const RTM_GETADDR = 22;
 const RTM_NEWROUTE = 24;
 const RTM_DELROUTE = 25;
 const RTM_GETROUTE = 26;
+const RTM_GETNEIGH = 30;
 
 const AF_UNSPEC = 0;
 const AF_INET = 2;
 const AF_INET6 = 10;
+const AF_BRIDGE = 7;
+
+const NDA_DST = 1;
+const NDA_LLADDR = 2;
+const NDA_MASTER = 9;
+const NUD_NOARP = 0x40;
+const NUD_PERMANENT = 0x80;
+const NTF_PROXY = 0x08;
+const NTF_EXT_LEARNED = 0x10;
 
 const IFLA_ADDRESS = 1;
 const IFLA_IFNAME = 3;
@@ -673,6 +683,55 @@ export class Rtnl {
     return [...byIndex.values()];
   }
 
+  /**
+   * The forwarding database and neighbour entries of one device: the entries `bridge -j fdb
+   * show dev DEV` lists (with `dst` of a vxlan device's own entries, `master` set for the
+   * bridge's entries, `state` as bridge prints it), and those `ip -j neigh show dev DEV` lists
+   * (IPv4 and IPv6, without NOARP-only and state-less entries, as ip's default filter). A
+   * missing device has none.
+   */
+  listNeighbours(dev: string): { fdb: FdbEntry[]; neigh: NeighEntry[] } {
+    let index: number;
+    try {
+      index = this.index(dev);
+    } catch (err) {
+      if (isErrno(err, "ENODEV")) return { fdb: [], neigh: [] };
+      throw err;
+    }
+    const ndmsg = (fam: number): NlRequest => new NlRequest(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP).struct(12, (v, at) => v.setUint8(at, fam));
+    const fdb: FdbEntry[] = [];
+    for (const m of this.#sock.exchange(ndmsg(AF_BRIDGE), `cannot list the forwarding database${this.#where}`)) {
+      const d = m.data;
+      if (d.getUint8(0) !== AF_BRIDGE || d.getInt32(4, HOST_LE) !== index) continue;
+      const a = parseAttrs(d, 12, d.byteLength);
+      const mac = attrBytes(a.get(NDA_LLADDR));
+      if (!mac) continue;
+      const e: FdbEntry = { mac: formatMac(mac) };
+      const dst = attrBytes(a.get(NDA_DST));
+      if (dst) e.dst = formatAddr(dst);
+      if (a.has(NDA_MASTER)) e.master = true;
+      const state = d.getUint16(8, HOST_LE);
+      if (state & NUD_PERMANENT) e.state = "permanent";
+      else if (state & NUD_NOARP) e.state = "static";
+      fdb.push(e);
+    }
+    const neigh: NeighEntry[] = [];
+    for (const m of this.#sock.exchange(ndmsg(AF_UNSPEC), `cannot list neighbours${this.#where}`)) {
+      const d = m.data;
+      const fam = d.getUint8(0);
+      if ((fam !== AF_INET && fam !== AF_INET6) || d.getInt32(4, HOST_LE) !== index) continue;
+      const state = d.getUint16(8, HOST_LE);
+      const flags = d.getUint8(10);
+      if (!(state & 0xff & ~NUD_NOARP) && !(flags & (NTF_PROXY | NTF_EXT_LEARNED))) continue;
+      const a = parseAttrs(d, 12, d.byteLength);
+      const dst = attrBytes(a.get(NDA_DST));
+      if (!dst) continue;
+      const mac = attrBytes(a.get(NDA_LLADDR));
+      neigh.push({ dst: formatAddr(dst), ...(mac ? { lladdr: formatMac(mac) } : {}) });
+    }
+    return { fdb, neigh };
+  }
+
   /** Routes of every table, both families, as `ip -j route show table all` lists them. */
   listRoutes(): RouteInfo[] {
     const req = new NlRequest(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP).struct(12, (v, at) => v.setUint8(at, AF_UNSPEC));
@@ -743,3 +802,22 @@ export const deleteLink = (name: string, ns?: Netns): boolean => rtnl(ns, (r) =>
 export const listAddrs = (ns?: Netns): AddrInfo[] => rtnl(ns, (r) => r.listAddrs());
 /** Routes of every table, both families. */
 export const listRoutes = (ns?: Netns): RouteInfo[] => rtnl(ns, (r) => r.listRoutes());
+/** The FDB and neighbour entries of one device (none when it is missing). */
+export const listNeighbours = (dev: string, ns?: Netns): { fdb: FdbEntry[]; neigh: NeighEntry[] } => rtnl(ns, (r) => r.listNeighbours(dev));
+
+/** A forwarding database entry, as `bridge -j fdb show` prints it (the fields knit reads). */
+export interface FdbEntry {
+  mac: string;
+  /** A vxlan device's own entry: the remote end. */
+  dst?: string;
+  /** The bridge's entry (iproute2 prints the bridge's name; knit only asks whether). */
+  master?: true;
+  /** "permanent" or "static"; absent for learned entries. */
+  state?: "permanent" | "static";
+}
+
+/** A neighbour entry, as `ip -j neigh show` prints it (the fields knit reads). */
+export interface NeighEntry {
+  dst: string;
+  lladdr?: string;
+}
