@@ -58,7 +58,8 @@ export function readHostResolvConf(): ResolvConf {
   }
 }
 
-const isLoopback = (addr: string): boolean => /^127\./.test(addr) || addr === "::1";
+/** A loopback address (127/8, ::1): reachable from the host's namespace only. */
+export const isLoopback = (addr: string): boolean => /^127\./.test(addr) || addr === "::1";
 
 let cached: { path: string; mtimeMs: number; size: number; checked: number; servers: string[] } | undefined;
 

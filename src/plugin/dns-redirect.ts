@@ -30,7 +30,8 @@ import { getJson, listJson } from "../store/store.ts";
 import { DockerLabels, OVERLAY_DNS_ADDRESS, keys, type Endpoint, type Membership, type Network } from "../model.ts";
 import { drivers } from "../drivers/registry.ts";
 import { listSandboxes, type Engine } from "../engine/engine.ts";
-import { parseResolvConf, servesDns, servesOverlayDns } from "../dns/resolvconf.ts";
+import { isLoopback, parseResolvConf, servesDns, servesOverlayDns } from "../dns/resolvconf.ts";
+import type { StaticRoute } from "./protocol.ts";
 
 export const DNS_TABLE = "knit_docker";
 
@@ -54,16 +55,9 @@ function nameserversIn(path: string): string[] {
 export function dockerUpstreams(family: 4 | 6, etc = "/etc/resolv.conf", resolved = "/run/systemd/resolve/resolv.conf"): string[] {
   let servers = nameserversIn(etc);
   if (servers.length === 1 && servers[0] === "127.0.0.53") servers = nameserversIn(resolved);
-  const usable = servers.filter((s) => !/^127\./.test(s) && s !== "::1");
+  const usable = servers.filter((s) => !isLoopback(s));
   const all = usable.length ? usable : [...DOCKER_DEFAULT_DNS[4], ...(family === 6 ? DOCKER_DEFAULT_DNS[6] : [])];
   return all.filter((s) => s.includes(":") === (family === 6));
-}
-
-/** A static route of Docker's remote driver protocol (RouteType 0: via NextHop; 1: on the link). */
-export interface StaticRoute {
-  Destination: string;
-  RouteType: number;
-  NextHop: string;
 }
 
 /**

@@ -93,11 +93,18 @@ export interface PortBinding {
   HostPortEnd: number;
 }
 
+/** A static route of Join's answer (RouteType 0: via NextHop; 1: on the link, NextHop ""). */
+export interface StaticRoute {
+  Destination: string;
+  RouteType: number;
+  NextHop: string;
+}
+
 export interface JoinResponse {
   InterfaceName: { SrcName: string; DstPrefix: string };
   Gateway?: string;
   GatewayIPv6?: string;
-  StaticRoutes?: { Destination: string; RouteType: number; NextHop: string }[];
+  StaticRoutes?: StaticRoute[];
   DisableGatewayService?: boolean;
 }
 

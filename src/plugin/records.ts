@@ -21,6 +21,7 @@
 import { conflict } from "../errors.ts";
 import { keys } from "../model.ts";
 import { getJson, type Store } from "../store/store.ts";
+import type { StaticRoute } from "./protocol.ts";
 
 export interface DockerNetworkLink {
   /** The knit network. */
@@ -46,7 +47,7 @@ export interface DockerEndpoint {
   sandboxKey?: string;
   gateways?: { v4?: string; v6?: string };
   /** Join's static routes (internal networks: the way to knit's DNS, see dns-redirect.ts). */
-  routes?: { Destination: string; RouteType: number; NextHop: string }[];
+  routes?: StaticRoute[];
 }
 
 /** A pool of knit's IPAM driver. */
