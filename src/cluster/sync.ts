@@ -380,7 +380,7 @@ export class OverlaySync {
       this.verified.add(id);
     }
     this.devices.set(id, plan.network);
-    const changes = diffPeers(plan.peers, await readPeers(plan.network));
+    const changes = diffPeers(plan.peers, readPeers(plan.network));
     const addresses = new Set(plan.peers.flatMap((p) => p.ips));
     if (noChanges(changes)) {
       this.setPeerAddresses(id, addresses);

@@ -84,10 +84,7 @@ export class Resolver {
     const query = parsed.query;
     const maxSize = from.transport === "udp" ? udpLimit(query.edns) : 65535;
     const client = this.table.client(from.networkId, from.address);
-    if (!client) {
-      this.stats.refused++;
-      return buildReply(query, Rcode.REFUSED);
-    }
+    if (!client) return this.refuse(query);
     const q = query.question;
     if (q.plain && (q.klass === RecordClass.IN || q.klass === RecordClass.ANY)) {
       if (q.type === RecordType.PTR) {
@@ -109,24 +106,18 @@ export class Resolver {
     }
     if (!client.forward) {
       const out = this.wayOut(client);
-      if (out === true) return this.forwardFor(packet, query, client, maxSize);
-      if (out === false) {
-        this.stats.refused++;
-        return buildReply(query, Rcode.REFUSED);
-      }
+      if (typeof out === "boolean") return out ? this.forwardFor(packet, query, client, maxSize) : this.refuse(query);
       return out.then(
-        (yes): Reply => {
-          if (yes) return this.forwardFor(packet, query, client, maxSize);
-          this.stats.refused++;
-          return buildReply(query, Rcode.REFUSED);
-        },
-        (): Reply => {
-          this.stats.refused++;
-          return buildReply(query, Rcode.REFUSED);
-        },
+        (yes): Reply => (yes ? this.forwardFor(packet, query, client, maxSize) : this.refuse(query)),
+        (): Reply => this.refuse(query),
       );
     }
     return this.forwardFor(packet, query, client, maxSize);
+  }
+
+  private refuse(query: Query): Uint8Array {
+    this.stats.refused++;
+    return buildReply(query, Rcode.REFUSED);
   }
 
   /** Forward to the client's upstreams (its --dns), else the host's; SERVFAIL without any. */

@@ -215,17 +215,16 @@ export interface PeerTable {
  * process (it was two processes, `bridge -j fdb show` and `ip -j neigh show`, per network and
  * sync round: at 50 hosts most of the agents' CPU outside their own process).
  */
-export function readPeers(net: Network): Promise<PeerTable> {
-  const { vxlan } = overlayState(net);
-  const { fdb, neigh } = listNeighbours(vxlan);
-  return Promise.resolve({
+export function readPeers(net: Network): PeerTable {
+  const { fdb, neigh } = listNeighbours(overlayState(net).vxlan);
+  return {
     // Entries with a destination are the vxlan device's own table ("self"); the bridge's
-    // entry for the port's own address has none.
-    fdb: fdb.filter((e) => e.dst !== undefined && e.master === undefined).map((e) => ({ mac: e.mac.toLowerCase(), dst: e.dst ?? "" })),
-    neigh: neigh.map((n) => ({ ip: n.dst, mac: (n.lladdr ?? "").toLowerCase() })),
+    // entry for the port's own address has none. (netlink.ts formats MACs in lower case.)
+    fdb: fdb.flatMap((e) => (e.dst !== undefined && !e.master ? [{ mac: e.mac, dst: e.dst }] : [])),
+    neigh: neigh.map((n) => ({ ip: n.dst, mac: n.lladdr ?? "" })),
     // Not the port's own address ("permanent"), nor anything learned: the static ones knit set.
-    bridged: fdb.filter((e) => e.master !== undefined && e.state === "static").map((e) => e.mac.toLowerCase()),
-  });
+    bridged: fdb.filter((e) => e.master && e.state === "static").map((e) => e.mac),
+  };
 }
 
 /** What to change on a vxlan device: entries to remove (first), then entries to set. */

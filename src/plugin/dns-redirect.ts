@@ -84,6 +84,9 @@ export function internalDnsRoutes(net: Network, families: { v4: boolean; v6: boo
   return out;
 }
 
+/** Networks whose Docker endpoints' DNS goes to knit: bridges with knit DNS, internal overlays. */
+const redirectsDns = (net: Network): boolean => servesDns(net) || servesOverlayDns(net);
+
 /** One redirected source: a Docker endpoint's address on a bridge, and where its DNS goes. */
 export interface Redirect {
   bridge: string;
@@ -144,7 +147,7 @@ export class DnsRedirect {
         if (!nets.has(m.networkId)) nets.set(m.networkId, await getJson<Network>(this.engine.store, keys.network(m.networkId)));
         const net = nets.get(m.networkId);
         const bridge = net ? drivers[net.driver].firewall(net)?.bridge : undefined;
-        if (!net || !bridge || !(servesDns(net) || servesOverlayDns(net))) continue;
+        if (!net || !bridge || !redirectsDns(net)) continue;
         const ep = await getJson<Endpoint>(this.engine.store, keys.endpoint(m.networkId, m.endpointId));
         if (ep?.state !== "ready") continue;
         out.push(...DnsRedirect.for(net, [ep.ipv4 ?? "", ep.ipv6 ?? ""].filter(Boolean)));
@@ -174,9 +177,8 @@ export class DnsRedirect {
   /** The redirects a network calls for, for these addresses (none when knit serves no DNS there). */
   static for(net: Network, addresses: readonly string[]): Redirect[] {
     const bridge = drivers[net.driver].firewall(net)?.bridge;
-    const overlay = servesOverlayDns(net);
-    if (!bridge || !(servesDns(net) || overlay)) return [];
-    const gws = overlay ? [OVERLAY_DNS_ADDRESS] : net.subnets.flatMap((s) => (s.gateway ? [s.gateway] : []));
+    if (!bridge || !redirectsDns(net)) return [];
+    const gws = servesOverlayDns(net) ? [OVERLAY_DNS_ADDRESS] : net.subnets.flatMap((s) => (s.gateway ? [s.gateway] : []));
     return addresses.flatMap((a) => {
       const source = a.split("/")[0] ?? "";
       const target = gws.find((g) => g.includes(":") === source.includes(":"));
